@@ -1,0 +1,92 @@
+"""The one place that joins the process group and builds the parallel mesh.
+
+Every rank builds a `ParallelMesh` once, at start-up; code that needs a collective is handed
+the mesh (or one of its groups) explicitly. Model code never sees it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+# A collective that waits longer than this has lost a peer; the engine notices dead ranks
+# much sooner through their process sentinels.
+COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=30)
+
+
+def check_degrees(degrees: dict[str, int], world_size: int) -> None:
+    """Raise unless the product of the parallel degrees equals the world size."""
+    product = math.prod(degrees.values())
+    if product != world_size:
+        factors = " x ".join(f"{name}={size}" for name, size in degrees.items())
+        raise ValueError(
+            f"the parallel degrees multiply to {product} ({factors}) but the world size is {world_size}; "
+            "they must be equal."
+        )
+
+
+@dataclass(frozen=True)
+class RendezvousInfo:
+    """Where the ranks meet: a TCPStore served by the engine (the caller's process)."""
+
+    host: str
+    port: int
+    world_size: int
+
+
+def join(rendezvous: RendezvousInfo, rank: int, device: torch.device) -> None:
+    """Join the default process group: NCCL on CUDA devices, gloo on CPU."""
+    store = dist.TCPStore(rendezvous.host, rendezvous.port, is_master=False, timeout=datetime.timedelta(seconds=60))
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(
+        backend, store=store, rank=rank, world_size=rendezvous.world_size, timeout=COLLECTIVE_TIMEOUT,
+        device_id=device if device.type == "cuda" else None,
+    )
+
+
+def leave() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+class ParallelMesh:
+    """Owns the parallel degrees of this rank and their process groups."""
+
+    def __init__(self, degrees: dict[str, int], device: torch.device):
+        world_size = dist.get_world_size() if dist.is_initialized() else 1
+        check_degrees(degrees, world_size)
+        self.degrees = dict(degrees)
+        self.device = device
+        self._mesh: DeviceMesh | None = None
+        if world_size > 1:
+            self._mesh = init_device_mesh(
+                device.type, tuple(degrees.values()), mesh_dim_names=tuple(degrees.keys())
+            )
+
+    @property
+    def cfg_size(self) -> int:
+        return self.degrees["cfg"]
+
+    @property
+    def cfg_rank(self) -> int:
+        return self._mesh.get_local_rank("cfg") if self._mesh is not None else 0
+
+    @property
+    def cfg_group(self) -> dist.ProcessGroup | None:
+        return self._mesh.get_group("cfg") if self._mesh is not None else None
+
+
+def all_gather_slots(local: torch.Tensor, group: dist.ProcessGroup | None, size: int) -> torch.Tensor:
+    """All-gather equal-shaped [slots, ...] tensors from `size` ranks into [size, slots, ...]."""
+    if size == 1:
+        return local.unsqueeze(0)
+    local = local.contiguous()
+    out = torch.empty((size * local.shape[0], *local.shape[1:]), dtype=local.dtype, device=local.device)
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(out, local, group=group)
+    return out.view(size, *local.shape)

@@ -1,0 +1,116 @@
+"""The one denoising loop: N guidance branches spread over the CFG ranks, one all-gather a step.
+
+Every rank runs this function for every request. Per step, rank r predicts the branches
+`branches_of_rank(n, size, r)`, the predictions are all-gathered ([size, slots, B, L, C]),
+and every rank combines them and steps its own scheduler: the latents stay identical on every
+rank without being broadcast. Without guidance (one branch) the ranks split the request's
+outputs instead, and rank 0 gathers the final latents. Only rank 0 decodes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+from cfgpar.distributed.mesh import ParallelMesh, all_gather_slots
+from cfgpar.engine.request import GenerationRequest, GenerationResult, StageMetrics
+from cfgpar.guidance import branches_of_rank, gathered_index, slots_per_rank, split_outputs
+from cfgpar.pipelines.base import DiffusionPipeline
+
+logger = logging.getLogger("cfgpar")
+
+_warned_no_guidance = False
+
+
+def generate(
+    pipeline: DiffusionPipeline, request: GenerationRequest, mesh: ParallelMesh, *, progress: bool = False
+) -> GenerationResult | None:
+    """Run one request on this rank; rank 0 returns the images, the other ranks None."""
+    guidance = pipeline.guidance(request)
+    if len(guidance.branches) == 1:
+        _warn_no_guidance(request, mesh)
+        return _generate_split(pipeline, request, mesh, progress)
+    return _generate_guided(pipeline, request, guidance, mesh, progress)
+
+
+def _generate_guided(pipeline, request, guidance, mesh, progress) -> GenerationResult | None:
+    metrics = StageMetrics(num_branches=len(guidance.branches))
+    start = time.perf_counter()
+    n, size, rank = len(guidance.branches), mesh.cfg_size, mesh.cfg_rank
+    plan = pipeline.prepare(request, list(range(request.params.num_outputs_per_prompt)))
+    mine = branches_of_rank(n, size, rank)
+    conds = {i: pipeline.encode(request, guidance.branches[i], plan) for i in mine}
+    metrics.encode_s = time.perf_counter() - start
+
+    start = time.perf_counter()
+    latents = plan.latents
+    # Reused every step; slots past len(mine) stay zero (padding for ranks with fewer branches).
+    local = latents.new_zeros((slots_per_rank(n, size), *latents.shape))
+    for t in _steps(plan.timesteps, progress and rank == 0):
+        for slot, i in enumerate(mine):
+            local[slot] = pipeline.predict(plan, guidance.branches[i], conds[i], latents, t)
+        gather_start = time.perf_counter()
+        gathered = all_gather_slots(local, mesh.cfg_group, size)
+        metrics.allgather_s += time.perf_counter() - gather_start
+        preds = [gathered[gathered_index(i, size)] for i in range(n)]
+        latents = pipeline.step(guidance.combine(preds), t, latents)
+    metrics.denoise_s = time.perf_counter() - start
+    return _decode(pipeline, plan, latents, mesh, metrics)
+
+
+def _generate_split(pipeline, request, mesh, progress) -> GenerationResult | None:
+    """One branch: output j is denoised on rank j mod size, then gathered to rank 0."""
+    metrics = StageMetrics(num_branches=1)
+    start = time.perf_counter()
+    total, size, rank = request.params.num_outputs_per_prompt, mesh.cfg_size, mesh.cfg_rank
+    plan = pipeline.prepare(request, split_outputs(total, size, rank))
+    latents = plan.latents
+    if latents.shape[0]:
+        (branch,) = pipeline.guidance(request).branches
+        cond = pipeline.encode(request, branch, plan)
+        metrics.encode_s = time.perf_counter() - start
+        start = time.perf_counter()
+        for t in _steps(plan.timesteps, progress and rank == 0):
+            latents = pipeline.step(pipeline.predict(plan, branch, cond, latents, t), t, latents)
+    if size > 1:
+        slots = -(-total // size)
+        local = latents.new_zeros((slots, *latents.shape[1:]))
+        local[: latents.shape[0]] = latents
+        gathered = all_gather_slots(local, mesh.cfg_group, size)
+        latents = torch.stack([gathered[gathered_index(j, size)] for j in range(total)])
+    metrics.denoise_s = time.perf_counter() - start
+    return _decode(pipeline, plan, latents, mesh, metrics)
+
+
+def _decode(pipeline, plan, latents, mesh, metrics) -> GenerationResult | None:
+    if mesh.cfg_rank != 0:
+        return None
+    start = time.perf_counter()
+    images = pipeline.decode(plan, latents)
+    metrics.decode_s = time.perf_counter() - start
+    return GenerationResult(images=images, metrics=metrics)
+
+
+def _steps(timesteps: torch.Tensor, show: bool):
+    return tqdm(timesteps, desc="denoise", unit="step", disable=not show, leave=False, dynamic_ncols=True)
+
+
+def _warn_no_guidance(request: GenerationRequest, mesh: ParallelMesh) -> None:
+    global _warned_no_guidance
+    if mesh.cfg_size == 1 or mesh.cfg_rank != 0 or _warned_no_guidance:
+        return
+    _warned_no_guidance = True
+    why = (
+        f"true_cfg_scale is {request.params.true_cfg_scale} (must be > 1)"
+        if request.params.true_cfg_scale <= 1
+        else "the prompt has no negative_prompt"
+    )
+    logger.warning(
+        "CFG-Parallel gives no speedup for this request: guidance is off because %s. Set true_cfg_scale > 1 "
+        "and a negative_prompt to run the branches in parallel; meanwhile the %d ranks split the request's "
+        "%d output(s).",
+        why, mesh.cfg_size, request.params.num_outputs_per_prompt,
+    )

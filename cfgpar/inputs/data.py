@@ -1,0 +1,73 @@
+"""Per-request parameters: what one call of `generate` asks for."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+MAX_STEPS = 1000
+MAX_OUTPUTS_PER_PROMPT = 16
+MAX_SIDE = 4096
+MAX_SEQUENCE_LENGTH = 1024
+MAX_SEED = 2**63 - 1
+
+
+def _check_int(name: str, value, low: int, high: int, *, optional: bool = False) -> None:
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}.")
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be between {low} and {high}, got {value}.")
+
+
+def _check_float(name: str, value, low: float, high: float, *, optional: bool = False) -> None:
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number between {low} and {high}, got {value!r}.")
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be between {low} and {high}, got {value}.")
+
+
+@dataclass(frozen=True, kw_only=True)
+class OmniDiffusionSamplingParams:
+    """Sampling parameters of one request. Validated at construction."""
+
+    true_cfg_scale: float = 4.0
+    """Guidance scale `w` in `neg + w * (pos - neg)`. Guidance is active only when it is > 1
+    and the prompt carries a negative prompt. Allowed: 0 to 100."""
+
+    num_inference_steps: int = 50
+    """Denoising steps. Allowed: 1 to 1000."""
+
+    seed: int | None = None
+    """Seed of the initial noise. None draws one per request (shared by every rank). Allowed: 0 to 2**63-1."""
+
+    height: int | None = None
+    """Output height in pixels; None takes the pipeline's default (for edits, from the input image's
+    aspect ratio). Rounded down to the model's unit (16 px for Qwen-Image). Allowed: 16 to 4096."""
+
+    width: int | None = None
+    """Output width in pixels; as `height`."""
+
+    num_outputs_per_prompt: int = 1
+    """Images generated for each prompt. Allowed: 1 to 16."""
+
+    max_sequence_length: int = 512
+    """Longest prompt, in text-encoder tokens, kept for conditioning. Allowed: 1 to 1024."""
+
+    image_guidance_scale: float | None = None
+    """Image-guidance scale for three-branch (text + image) guidance of edit models, as in
+    InstructPix2Pix: adds a branch without the input image. None (default) or <= 1 keeps plain
+    two-branch guidance. Allowed: 0 to 100."""
+
+    def __post_init__(self):
+        _check_float("true_cfg_scale", self.true_cfg_scale, 0.0, 100.0)
+        _check_int("num_inference_steps", self.num_inference_steps, 1, MAX_STEPS)
+        _check_int("seed", self.seed, 0, MAX_SEED, optional=True)
+        _check_int("height", self.height, 16, MAX_SIDE, optional=True)
+        _check_int("width", self.width, 16, MAX_SIDE, optional=True)
+        _check_int("num_outputs_per_prompt", self.num_outputs_per_prompt, 1, MAX_OUTPUTS_PER_PROMPT)
+        _check_int("max_sequence_length", self.max_sequence_length, 1, MAX_SEQUENCE_LENGTH)
+        _check_float("image_guidance_scale", self.image_guidance_scale, 0.0, 100.0, optional=True)

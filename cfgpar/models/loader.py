@@ -1,0 +1,72 @@
+"""From a model name to a local diffusers-layout folder and the pipeline class that serves it."""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+
+# model_index.json `_class_name` -> "module:Class" of the cfgpar pipeline serving it.
+PIPELINES = {
+    "QwenImagePipeline": "cfgpar.pipelines.qwen_image:QwenImagePipeline",
+    "QwenImageEditPipeline": "cfgpar.pipelines.qwen_image_edit:QwenImageEditPipeline",
+}
+
+
+class ModelLoadError(ValueError):
+    """The model name cannot be turned into a folder cfgpar can serve."""
+
+
+def resolve_model(name: str | Path) -> Path:
+    """A local folder with model_index.json, or a hub repo id fetched (or found in the cache)
+    with huggingface_hub. Returns the folder."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise ModelLoadError(
+                f"model folder {str(path)!r} has no model_index.json; expected a folder laid out like a hub "
+                "diffusers repo (model_index.json plus one subfolder per component)."
+            )
+        return path.resolve()
+    if path.exists() or str(name).count("/") != 1:
+        raise ModelLoadError(
+            f"model {str(name)!r} is neither a model folder nor a hub repo id like 'Qwen/Qwen-Image-Edit'."
+        )
+    return _download(str(name))
+
+
+def _download(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id))
+    except Exception as exc:  # offline, unknown repo, gated, ...: all mean "cannot get it"
+        raise ModelLoadError(
+            f"could not fetch model {repo_id!r} from the Hugging Face Hub ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}); pass a local folder with the same layout instead."
+        ) from None
+
+
+def pipeline_path(folder: Path) -> str:
+    """The "module:Class" of the pipeline for a model folder, from model_index.json's `_class_name`.
+
+    A `_class_name` of the form "package.module:Class" names a custom pipeline directly."""
+    try:
+        class_name = json.loads((Path(folder) / "model_index.json").read_text())["_class_name"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelLoadError(f"cannot read _class_name from {folder}/model_index.json: {exc}") from None
+    if ":" in class_name:
+        return class_name
+    if class_name not in PIPELINES:
+        raise ModelLoadError(
+            f"pipeline {class_name!r} (from model_index.json) is not supported; supported: {', '.join(sorted(PIPELINES))}."
+        )
+    return PIPELINES[class_name]
+
+
+def import_pipeline(path: str):
+    module, _, attr = path.partition(":")
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ModelLoadError(f"cannot import pipeline {path!r}: {exc}") from None

@@ -1,0 +1,163 @@
+"""`Omni`: the offline entry point. Omni -> Engine -> one process per rank -> pipeline -> model."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import random
+import time
+import weakref
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+from PIL import Image
+
+from cfgpar.diffusion.data import DiffusionParallelConfig
+from cfgpar.engine.engine import Engine, EngineConfig
+from cfgpar.engine.request import GenerationRequest
+from cfgpar.inputs.data import OmniDiffusionSamplingParams
+from cfgpar.models.loader import import_pipeline, pipeline_path, resolve_model
+from cfgpar.outputs import OmniRequestOutput
+
+PromptType = str | Mapping[str, Any]
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+class Omni:
+    """A diffusion model served by one process per rank.
+
+    Constructing an Omni resolves the model, starts the ranks and loads the weights on each;
+    `close()` (or leaving a `with` block, or interpreter exit) stops them.
+    """
+
+    def __init__(
+        self,
+        model: str | Path,
+        parallel_config: DiffusionParallelConfig | None = None,
+        *,
+        threads_per_rank: int | None = None,
+        device: str = "auto",
+        dtype: str = "auto",
+        progress_bar: bool = True,
+    ):
+        parallel_config = parallel_config or DiffusionParallelConfig()
+        world = parallel_config.world_size
+        folder = resolve_model(model)
+        pipeline = pipeline_path(folder)
+        max_branches = import_pipeline(pipeline).max_branches
+        if parallel_config.cfg_parallel_size > max_branches:
+            raise ValueError(
+                f"cfg_parallel_size={parallel_config.cfg_parallel_size} is larger than the {max_branches} guidance "
+                f"branches of {pipeline.rpartition(':')[2]}; use cfg_parallel_size <= {max_branches}."
+            )
+        device = _pick_device(device, world)
+        self.model = str(model)
+        self.parallel_config = parallel_config
+        self.engine = Engine(EngineConfig(
+            model_folder=folder, pipeline=pipeline, parallel=parallel_config,
+            threads_per_rank=threads_per_rank or max(1, available_cores() // world),
+            device=device, dtype=_pick_dtype(dtype, device), progress=progress_bar,
+        ))
+        self._ids = itertools.count()
+        self.engine.start()
+        # Stops the ranks at garbage collection or interpreter exit, without keeping this Omni alive.
+        self._finalizer = weakref.finalize(self, Engine.close, self.engine)
+
+    def generate(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        sampling_params: OmniDiffusionSamplingParams | Sequence[OmniDiffusionSamplingParams] | None = None,
+    ) -> list[OmniRequestOutput]:
+        """One output per prompt, in order. A prompt is a string or a dict with "prompt",
+        optional "negative_prompt" and optional "multi_modal_data": {"image": PIL image}."""
+        prompt_list = [prompts] if isinstance(prompts, (str, Mapping)) else list(prompts)
+        params_list = _params_for(sampling_params, len(prompt_list))
+        return [self._generate_one(p, sp) for p, sp in zip(prompt_list, params_list)]
+
+    def _generate_one(self, prompt: PromptType, params: OmniDiffusionSamplingParams) -> OmniRequestOutput:
+        start = time.perf_counter()
+        request = make_request(next(self._ids), prompt, params)
+        result = self.engine.generate(request)
+        result.metrics.total_s = time.perf_counter() - start
+        return OmniRequestOutput(
+            request_id=request.request_id, prompt=request.prompt, images=result.images,
+            seed=request.seed, metrics=result.metrics,
+        )
+
+    def close(self) -> None:
+        """Stop every rank. Idempotent."""
+        self._finalizer()
+
+    def __enter__(self) -> "Omni":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def make_request(request_id: int, prompt: PromptType, params: OmniDiffusionSamplingParams) -> GenerationRequest:
+    """Validate one prompt into a request; a request without a seed gets one drawn here, once,
+    so that every rank starts from the same noise."""
+    if isinstance(prompt, str):
+        prompt = {"prompt": prompt}
+    if not isinstance(prompt, Mapping):
+        raise TypeError(f"a prompt must be a str or a dict, got {type(prompt).__name__}.")
+    unknown = set(prompt) - {"prompt", "negative_prompt", "multi_modal_data"}
+    if unknown:
+        raise ValueError(f"unknown prompt keys {sorted(unknown)}; allowed: prompt, negative_prompt, multi_modal_data.")
+    text, negative = prompt.get("prompt"), prompt.get("negative_prompt")
+    if not isinstance(text, str):
+        raise ValueError(f"prompt['prompt'] must be a string, got {type(text).__name__}.")
+    if negative is not None and not isinstance(negative, str):
+        raise ValueError(f"prompt['negative_prompt'] must be a string or None, got {type(negative).__name__}.")
+    image = _image_of(prompt.get("multi_modal_data") or {})
+    seed = params.seed if params.seed is not None else random.SystemRandom().randrange(2**31)
+    return GenerationRequest(request_id, text, negative, image, params, seed)
+
+
+def _image_of(data: Mapping[str, Any]) -> Image.Image | None:
+    unknown = set(data) - {"image"}
+    if unknown:
+        raise ValueError(f"unknown multi_modal_data keys {sorted(unknown)}; allowed: image.")
+    image = data.get("image")
+    if isinstance(image, (list, tuple)):
+        if len(image) != 1:
+            raise ValueError(f"multi_modal_data['image'] takes one image, got {len(image)}.")
+        image = image[0]
+    if image is not None and not isinstance(image, Image.Image):
+        raise ValueError(f"multi_modal_data['image'] must be a PIL image, got {type(image).__name__}.")
+    return image.convert("RGB") if image is not None and image.mode != "RGB" else image
+
+
+def _params_for(params, count: int) -> list[OmniDiffusionSamplingParams]:
+    if params is None:
+        params = OmniDiffusionSamplingParams()
+    if isinstance(params, OmniDiffusionSamplingParams):
+        return [params] * count
+    params = list(params)
+    if len(params) != count:
+        raise ValueError(f"got {len(params)} sampling params for {count} prompts; pass one, or one per prompt.")
+    return params
+
+
+def _pick_device(device: str, world_size: int) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() and torch.cuda.device_count() >= world_size else "cpu"
+    if device == "cuda" and torch.cuda.device_count() < world_size:
+        raise ValueError(f"device='cuda' needs one GPU per rank: {world_size} ranks, {torch.cuda.device_count()} GPUs.")
+    return device
+
+
+def _pick_dtype(dtype: str, device: str) -> str:
+    if dtype == "auto":
+        return "bfloat16" if device == "cuda" else "float32"
+    if not isinstance(getattr(torch, dtype, None), torch.dtype):
+        raise ValueError(f"dtype must be 'auto' or a torch dtype name like 'float32' or 'bfloat16', got {dtype!r}.")
+    return dtype

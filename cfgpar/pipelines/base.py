@@ -1,0 +1,74 @@
+"""The contract between the one denoising loop (engine/denoise_loop.py) and a model's pipeline.
+
+A pipeline knows its model: how to read a request into guidance branches, encode a branch's
+conditioning, predict noise for one branch, step the scheduler and decode. It knows nothing of
+ranks or collectives; the loop decides which branches this rank runs and exchanges predictions.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from PIL import Image
+
+from cfgpar.engine.request import GenerationRequest
+from cfgpar.guidance import Branch, Guidance
+
+
+class RequestError(ValueError):
+    """A request the pipeline cannot serve. Raised the same way on every rank, before any
+    collective, so the engine reports it and carries on."""
+
+
+@dataclass
+class Plan:
+    """Per-request state shared by every rank (built from the request and its seed alone).
+
+    `latents` is the initial noise of the outputs this rank denoises, packed [B, L, C];
+    `timesteps` the schedule; `extras` whatever the pipeline's predict/decode need.
+    """
+
+    latents: torch.Tensor
+    timesteps: torch.Tensor
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+class DiffusionPipeline(ABC):
+    """A model's side of generation; see the module docstring."""
+
+    max_branches: ClassVar[int] = 2
+    """Most guidance branches a request to this pipeline can have; bounds cfg_parallel_size."""
+
+    @classmethod
+    @abstractmethod
+    def from_pretrained(cls, folder: Path, *, device: torch.device, dtype: torch.dtype) -> "DiffusionPipeline":
+        """Load every component from a diffusers-layout folder onto `device`."""
+
+    @abstractmethod
+    def guidance(self, request: GenerationRequest) -> Guidance:
+        """The request's branches and combine rule. Raise RequestError for a bad request."""
+
+    @abstractmethod
+    def prepare(self, request: GenerationRequest, rows: list[int]) -> Plan:
+        """Noise (from request.seed) for output rows `rows` of the request, the schedule, and
+        branch-independent inputs. Must give every rank the same tensors for the same rows."""
+
+    @abstractmethod
+    def encode(self, request: GenerationRequest, branch: Branch, plan: Plan) -> Any:
+        """Conditioning of one branch for plan.latents' batch; only this rank's branches are encoded."""
+
+    @abstractmethod
+    def predict(self, plan: Plan, branch: Branch, cond: Any, latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The denoiser's prediction for one branch at timestep t, shaped like `latents`."""
+
+    @abstractmethod
+    def step(self, pred: torch.Tensor, t: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        """One scheduler step from the guided prediction."""
+
+    @abstractmethod
+    def decode(self, plan: Plan, latents: torch.Tensor) -> list[Image.Image]:
+        """Final latents [B, L, C] to B images."""

@@ -1,0 +1,196 @@
+"""Qwen-Image text-to-image, on diffusers' and transformers' model classes.
+
+Same semantics as diffusers 0.42's QwenImagePipeline (prompt template, dynamic shifting,
+norm-preserving true CFG), cut into the pieces the shared denoising loop drives.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
+from diffusers.image_processor import VaeImageProcessor
+from PIL import Image
+from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
+
+from cfgpar.engine.request import GenerationRequest
+from cfgpar.guidance import Branch, Guidance, make_combine, norm_preserving_cfg, unguided
+from cfgpar.pipelines.base import DiffusionPipeline, Plan, RequestError
+
+T2I_TEMPLATE = (
+    "<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, text, "
+    "spatial relationships of the objects and background:<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n"
+    "<|im_start|>assistant\n"
+)
+T2I_TEMPLATE_DROP = 34  # tokens of the template's system prefix, dropped from the embeddings
+TOKENIZER_MAX_LENGTH = 1024
+
+
+def calculate_shift(seq_len: int, base_seq: int, max_seq: int, base_shift: float, max_shift: float) -> float:
+    """mu of the dynamic (resolution-dependent) timestep shift: linear in the image token count."""
+    slope = (max_shift - base_shift) / (max_seq - base_seq)
+    return seq_len * slope + base_shift - slope * base_seq
+
+
+def pack_latents(latents: torch.Tensor) -> torch.Tensor:
+    """[B, C, H, W] -> [B, (H/2)(W/2), 4C]: 2x2 patches as tokens."""
+    b, c, h, w = latents.shape
+    latents = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return latents.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_latents(latents: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """[B, (h/2)(w/2), 4C] -> [B, C, 1, h, w] (h, w in latent pixels); inverse of pack_latents."""
+    b, _, channels = latents.shape
+    latents = latents.view(b, h // 2, w // 2, channels // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return latents.reshape(b, channels // 4, 1, h, w)
+
+
+class QwenImagePipeline(DiffusionPipeline):
+    max_branches = 2
+
+    def __init__(self, *, transformer, vae, text_encoder, tokenizer, scheduler, device: torch.device, dtype: torch.dtype):
+        self.transformer = transformer.eval()
+        self.vae = vae.eval()
+        self.text_encoder = text_encoder.eval()
+        self.tokenizer = tokenizer
+        self.scheduler = scheduler
+        self.device = device
+        self.dtype = dtype
+        self.vae_scale_factor = 2 ** len(vae.config.temperal_downsample)
+        self.unit = self.vae_scale_factor * 2  # pixels per latent token side (VAE stride x 2x2 packing)
+        self.image_processor = VaeImageProcessor(vae_scale_factor=self.unit)
+        self.default_size = 128 * self.vae_scale_factor
+
+    @classmethod
+    def load_components(cls, folder: Path, *, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+        folder = Path(folder)
+        return dict(
+            transformer=QwenImageTransformer2DModel.from_pretrained(folder / "transformer", torch_dtype=dtype).to(device),
+            vae=AutoencoderKLQwenImage.from_pretrained(folder / "vae", torch_dtype=dtype).to(device),
+            text_encoder=Qwen2_5_VLForConditionalGeneration.from_pretrained(folder / "text_encoder", dtype=dtype).to(device),
+            tokenizer=Qwen2Tokenizer.from_pretrained(folder / "tokenizer"),
+            scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(folder / "scheduler"),
+        )
+
+    @classmethod
+    def from_pretrained(cls, folder: Path, *, device: torch.device, dtype: torch.dtype) -> "QwenImagePipeline":
+        return cls(**cls.load_components(folder, device=device, dtype=dtype), device=device, dtype=dtype)
+
+    # ---- guidance ----------------------------------------------------------------------------
+
+    def guidance(self, request: GenerationRequest) -> Guidance:
+        if request.image is not None:
+            raise RequestError("this is a text-to-image model: it takes no input image (drop multi_modal_data.image).")
+        if request.params.image_guidance_scale is not None:
+            raise RequestError("image_guidance_scale applies to image-edit models only; this model is text-to-image.")
+        return self._text_guidance(request)
+
+    def _text_guidance(self, request: GenerationRequest) -> Guidance:
+        scale = request.params.true_cfg_scale
+        positive = Branch("positive", request.prompt)
+        if scale > 1 and request.negative_prompt is not None:
+            negative = Branch("negative", request.negative_prompt)
+            return Guidance((positive, negative), make_combine(norm_preserving_cfg, scale=scale))
+        return Guidance((positive,), unguided)
+
+    # ---- per-request set-up ------------------------------------------------------------------
+
+    def output_size(self, request: GenerationRequest) -> tuple[int, int]:
+        """(height, width) in pixels, rounded down to the model's unit."""
+        height = request.params.height or self.default_size
+        width = request.params.width or self.default_size
+        return self._round_to_unit(height, width)
+
+    def _round_to_unit(self, height: int, width: int) -> tuple[int, int]:
+        if height < self.unit or width < self.unit:
+            raise RequestError(f"height and width must be at least {self.unit} px, got {height}x{width}.")
+        return height // self.unit * self.unit, width // self.unit * self.unit
+
+    def prepare(self, request: GenerationRequest, rows: list[int]) -> Plan:
+        height, width = self.output_size(request)
+        return self._plan(request, rows, height, width, img_shapes=[[self._token_grid(height, width)]])
+
+    def _token_grid(self, height: int, width: int) -> tuple[int, int, int]:
+        return (1, height // self.unit, width // self.unit)
+
+    def _plan(self, request, rows, height, width, **extras) -> Plan:
+        lat_h, lat_w = 2 * (height // self.unit), 2 * (width // self.unit)
+        channels = self.transformer.config.in_channels // 4
+        total = request.params.num_outputs_per_prompt
+        # The whole request's noise is drawn on CPU from the seed, then this rank's rows are
+        # taken: every rank (and every cfg size) sees the same noise for the same output.
+        generator = torch.Generator("cpu").manual_seed(request.seed)
+        noise = torch.randn((total, 1, channels, lat_h, lat_w), generator=generator, dtype=self.dtype)
+        latents = pack_latents(noise[rows, 0]).to(self.device)
+        timesteps = self._set_timesteps(request.params.num_inference_steps, latents.shape[1])
+        return Plan(latents, timesteps, dict(height=height, width=width, **extras))
+
+    def _set_timesteps(self, steps: int, image_seq_len: int) -> torch.Tensor:
+        config = self.scheduler.config
+        mu = calculate_shift(
+            image_seq_len,
+            config.get("base_image_seq_len", 256),
+            config.get("max_image_seq_len", 4096),
+            config.get("base_shift", 0.5),
+            config.get("max_shift", 1.15),
+        )
+        sigmas = np.linspace(1.0, 1 / steps, steps)
+        self.scheduler.set_timesteps(sigmas=sigmas, device=self.device, mu=mu)
+        self.scheduler.set_begin_index(0)
+        return self.scheduler.timesteps
+
+    # ---- conditioning ------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def encode(self, request: GenerationRequest, branch: Branch, plan: Plan) -> dict[str, Any]:
+        tokens = self.tokenizer(
+            [T2I_TEMPLATE.format(branch.prompt)], max_length=TOKENIZER_MAX_LENGTH + T2I_TEMPLATE_DROP,
+            padding=True, truncation=True, return_tensors="pt",
+        ).to(self.device)
+        embeds = self._embed(tokens, T2I_TEMPLATE_DROP)[:, : request.params.max_sequence_length]
+        return self._repeat(embeds, plan, img_shapes=plan.extras["img_shapes"])
+
+    def _embed(self, model_inputs, drop: int) -> torch.Tensor:
+        """Last hidden states of the text encoder, without the template's first `drop` tokens: [1, S, D].
+
+        One prompt per call, so the attention mask is all ones and no padding mask is needed."""
+        keys = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")
+        out = self.text_encoder(**{k: model_inputs[k] for k in keys if k in model_inputs}, output_hidden_states=True)
+        hidden = out.hidden_states[-1][0][model_inputs["attention_mask"][0].bool()]
+        return hidden[drop:].unsqueeze(0).to(self.dtype)
+
+    @staticmethod
+    def _repeat(embeds: torch.Tensor, plan: Plan, **extras) -> dict[str, Any]:
+        batch = plan.latents.shape[0]
+        return dict(embeds=embeds.repeat(batch, 1, 1), **extras)
+
+    # ---- denoising ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def predict(self, plan: Plan, branch: Branch, cond: dict[str, Any], latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        timestep = t.expand(latents.shape[0]).to(latents.dtype)
+        return self.transformer(
+            hidden_states=latents,
+            timestep=timestep / 1000,
+            encoder_hidden_states=cond["embeds"],
+            encoder_hidden_states_mask=None,
+            img_shapes=cond["img_shapes"],
+            return_dict=False,
+        )[0]
+
+    def step(self, pred: torch.Tensor, t: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        return self.scheduler.step(pred, t, latents, return_dict=False)[0]
+
+    @torch.no_grad()
+    def decode(self, plan: Plan, latents: torch.Tensor) -> list[Image.Image]:
+        height, width = plan.extras["height"], plan.extras["width"]
+        latents = unpack_latents(latents, 2 * (height // self.unit), 2 * (width // self.unit)).to(self.vae.dtype)
+        z_dim = self.vae.config.z_dim
+        mean = torch.tensor(self.vae.config.latents_mean).view(1, z_dim, 1, 1, 1).to(latents)
+        inv_std = 1.0 / torch.tensor(self.vae.config.latents_std).view(1, z_dim, 1, 1, 1).to(latents)
+        images = self.vae.decode(latents / inv_std + mean, return_dict=False)[0][:, :, 0]
+        return self.image_processor.postprocess(images, output_type="pil")

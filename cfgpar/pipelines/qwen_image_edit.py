@@ -1,0 +1,112 @@
+"""Qwen-Image-Edit: the text-to-image pipeline plus an input image, seen twice: by the
+Qwen2.5-VL text encoder (vision tokens in the prompt) and by the transformer (its VAE latents
+appended to the noisy latents' tokens). Semantics of diffusers 0.42's QwenImageEditPipeline.
+
+Three-branch guidance (request.params.image_guidance_scale > 1) adds an image-unconditional
+branch: the negative prompt with the text-to-image template and no condition-image tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cfgpar.engine.request import GenerationRequest
+from cfgpar.guidance import Branch, Guidance, make_combine, norm_preserving_dual_cfg
+from cfgpar.models.qwen_vl_processor import QwenVLProcessor
+from cfgpar.pipelines.base import Plan, RequestError
+from cfgpar.pipelines.qwen_image import T2I_TEMPLATE, T2I_TEMPLATE_DROP, QwenImagePipeline, pack_latents
+
+EDIT_TEMPLATE = (
+    "<|im_start|>system\nDescribe the key features of the input image (color, shape, size, texture, objects, "
+    "background), then explain how the user's text instruction should alter or modify the image. Generate a new "
+    "image that meets the user's requirements while maintaining consistency with the original input where "
+    "appropriate.<|im_end|>\n<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>{}<|im_end|>\n"
+    "<|im_start|>assistant\n"
+)
+EDIT_TEMPLATE_DROP = 64
+CONDITION_AREA = 1024 * 1024  # the condition image is resized to about this many pixels
+
+
+def condition_size(width: int, height: int, area: int = CONDITION_AREA) -> tuple[int, int]:
+    """(width, height) of the condition image: `area` pixels at the input's aspect ratio, multiples of 32."""
+    ratio = width / height
+    new_width = math.sqrt(area * ratio)
+    return round(new_width / 32) * 32, round(new_width / ratio / 32) * 32
+
+
+class QwenImageEditPipeline(QwenImagePipeline):
+    max_branches = 3
+
+    def __init__(self, *, processor: QwenVLProcessor, **components):
+        super().__init__(**components)
+        self.processor = processor
+        self.latent_channels = self.vae.config.z_dim
+
+    @classmethod
+    def load_components(cls, folder: Path, *, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+        components = super().load_components(folder, device=device, dtype=dtype)
+        components["processor"] = QwenVLProcessor.from_pretrained(Path(folder) / "processor")
+        return components
+
+    def guidance(self, request: GenerationRequest) -> Guidance:
+        if request.image is None:
+            raise RequestError("this is an image-edit model: the prompt needs multi_modal_data={'image': <PIL image>}.")
+        guidance = self._text_guidance(request)
+        image_scale = request.params.image_guidance_scale
+        if len(guidance.branches) == 1 or image_scale is None or image_scale <= 1:
+            return guidance
+        unconditional = Branch("unconditional", request.negative_prompt, use_image=False)
+        combine = make_combine(
+            norm_preserving_dual_cfg, text_scale=request.params.true_cfg_scale, image_scale=image_scale
+        )
+        return Guidance((*guidance.branches, unconditional), combine)
+
+    def output_size(self, request: GenerationRequest) -> tuple[int, int]:
+        cond_w, cond_h = condition_size(*request.image.size)
+        return self._round_to_unit(request.params.height or cond_h, request.params.width or cond_w)
+
+    @torch.no_grad()
+    def prepare(self, request: GenerationRequest, rows: list[int]) -> Plan:
+        height, width = self.output_size(request)
+        cond_w, cond_h = condition_size(*request.image.size)
+        resized = self.image_processor.resize(request.image.convert("RGB"), cond_h, cond_w)
+        pixels = self.image_processor.preprocess(resized, cond_h, cond_w).unsqueeze(2)  # [1, 3, 1, H, W]
+        image_latents = self._encode_image(pixels.to(self.device, self.dtype))
+        out_grid, cond_grid = self._token_grid(height, width), self._token_grid(cond_h, cond_w)
+        plan = self._plan(
+            request, rows, height, width,
+            prompt_image=resized, img_shapes=[[out_grid, cond_grid]], text_img_shapes=[[out_grid]],
+        )
+        plan.extras["image_latents"] = image_latents.expand(plan.latents.shape[0], -1, -1)
+        return plan
+
+    def _encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[1, 3, 1, H, W] in [-1, 1] -> packed, normalised latents [1, (H/16)(W/16), 4 z_dim] (the mode)."""
+        latents = self.vae.encode(pixels).latent_dist.mode()
+        shape = (1, self.latent_channels, 1, 1, 1)
+        mean = torch.tensor(self.vae.config.latents_mean).view(shape).to(latents)
+        std = torch.tensor(self.vae.config.latents_std).view(shape).to(latents)
+        return pack_latents(((latents - mean) / std)[:, :, 0])
+
+    @torch.no_grad()
+    def encode(self, request: GenerationRequest, branch: Branch, plan: Plan) -> dict[str, Any]:
+        if not branch.use_image:
+            tokens = self.tokenizer(
+                [T2I_TEMPLATE.format(branch.prompt)], padding=True, return_tensors="pt"
+            ).to(self.device)
+            return self._repeat(self._embed(tokens, T2I_TEMPLATE_DROP), plan, img_shapes=plan.extras["text_img_shapes"])
+        inputs = self.processor(
+            text=[EDIT_TEMPLATE.format(branch.prompt)], images=plan.extras["prompt_image"],
+            padding=True, return_tensors="pt",
+        ).to(self.device)
+        return self._repeat(self._embed(inputs, EDIT_TEMPLATE_DROP), plan, img_shapes=plan.extras["img_shapes"])
+
+    @torch.no_grad()
+    def predict(self, plan: Plan, branch: Branch, cond: dict[str, Any], latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        tokens = latents.shape[1]
+        model_input = torch.cat([latents, plan.extras["image_latents"]], dim=1) if branch.use_image else latents
+        return super().predict(plan, branch, cond, model_input, t)[:, :tokens]

@@ -1,0 +1,39 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))  # toy_pipeline, importable by spawned ranks too
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from toy_pipeline import write_toy_model  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def toy_model(tmp_path_factory) -> Path:
+    return write_toy_model(tmp_path_factory.mktemp("toy"))
+
+
+def child_pids() -> set[int]:
+    """Live (non-zombie) children of this process."""
+    me = str(os.getpid())
+    pids = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[1] == me and fields[0] != "Z" and b"resource_tracker" not in _cmdline(entry):
+            pids.add(int(entry.name))
+    return pids
+
+
+def _cmdline(entry: Path) -> bytes:
+    """multiprocessing's resource tracker is started once per interpreter and lives on by design."""
+    try:
+        return (entry / "cmdline").read_bytes()
+    except OSError:
+        return b""

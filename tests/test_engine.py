@@ -1,0 +1,122 @@
+"""The engine on real processes and real gloo collectives, with the toy pipeline."""
+
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from cfgpar import DiffusionParallelConfig, Omni, OmniDiffusionSamplingParams
+from cfgpar.engine.engine import EngineError
+from cfgpar.pipelines.base import RequestError
+from conftest import child_pids
+
+PROMPT = {"prompt": "a red circle", "negative_prompt": "blurry"}
+
+
+def run(model, cfg_size, prompt=PROMPT, **params):
+    params = {"true_cfg_scale": 4.0, "num_inference_steps": 6, "seed": 7, **params}
+    with Omni(model, DiffusionParallelConfig(cfg_parallel_size=cfg_size), threads_per_rank=1, progress_bar=False) as omni:
+        (out,) = omni.generate(prompt, OmniDiffusionSamplingParams(**params))
+    return out
+
+
+def pixels(out):
+    return np.stack([np.asarray(im) for im in out.images])
+
+
+@pytest.mark.parametrize("cfg_size", [2, 3])
+def test_three_branches_parallel_equals_sequential(toy_model, cfg_size):
+    seq = run(toy_model, 1, image_guidance_scale=1.5)
+    par = run(toy_model, cfg_size, image_guidance_scale=1.5)
+    assert seq.metrics.num_branches == par.metrics.num_branches == 3
+    assert np.array_equal(pixels(seq), pixels(par))
+
+
+def test_two_branches_parallel_equals_sequential(toy_model):
+    seq, par = run(toy_model, 1, num_outputs_per_prompt=2), run(toy_model, 2, num_outputs_per_prompt=2)
+    assert par.metrics.num_branches == 2 and len(par.images) == 2
+    assert np.array_equal(pixels(seq), pixels(par))
+    # guidance changes the picture: the test would catch a loop that ignores the negative branch
+    assert not np.array_equal(pixels(seq), pixels(run(toy_model, 1, true_cfg_scale=1.0, num_outputs_per_prompt=2)))
+
+
+def test_two_branches_on_three_ranks(toy_model):
+    assert np.array_equal(pixels(run(toy_model, 1)), pixels(run(toy_model, 3)))
+
+
+def test_no_guidance_splits_outputs_across_ranks(toy_model, capfd):
+    seq = run(toy_model, 1, true_cfg_scale=1.0, num_outputs_per_prompt=3)
+    par = run(toy_model, 2, true_cfg_scale=1.0, num_outputs_per_prompt=3)
+    assert par.metrics.num_branches == 1 and len(par.images) == 3
+    np.testing.assert_array_equal(pixels(seq), pixels(par))
+    assert "no speedup" in capfd.readouterr().err
+
+
+def test_omitted_seed_is_shared_by_all_ranks(toy_model):
+    with Omni(toy_model, DiffusionParallelConfig(cfg_parallel_size=2), threads_per_rank=1, progress_bar=False) as omni:
+        (out,) = omni.generate(PROMPT, OmniDiffusionSamplingParams(num_inference_steps=4))
+    again = run(toy_model, 1, seed=out.seed, num_inference_steps=4)
+    assert np.array_equal(pixels(out), pixels(again))
+
+
+def test_request_error_keeps_engine_running(toy_model):
+    with Omni(toy_model, DiffusionParallelConfig(cfg_parallel_size=2), threads_per_rank=1, progress_bar=False) as omni:
+        with pytest.raises(RequestError, match="non-empty prompt"):
+            omni.generate({"prompt": ""}, OmniDiffusionSamplingParams(num_inference_steps=2, seed=1))
+        (out,) = omni.generate(PROMPT, OmniDiffusionSamplingParams(num_inference_steps=2, seed=1))
+        assert len(out.images) == 1
+
+
+@pytest.mark.parametrize("prefix,message", [("fail:", "toy failure injected on rank 1"), ("exit:", "exit code 13")])
+def test_failing_rank_reaches_caller(toy_model, prefix, message):
+    with Omni(toy_model, DiffusionParallelConfig(cfg_parallel_size=2), threads_per_rank=1, progress_bar=False) as omni:
+        start = time.monotonic()
+        with pytest.raises(EngineError, match=message):
+            omni.generate({"prompt": "a", "negative_prompt": prefix + "x"}, OmniDiffusionSamplingParams(num_inference_steps=5, seed=1))
+        assert time.monotonic() - start < 30
+        with pytest.raises(EngineError, match="takes no new work"):
+            omni.generate(PROMPT, OmniDiffusionSamplingParams(num_inference_steps=2, seed=1))
+    assert not child_pids()
+
+
+def test_killed_rank_reaches_caller(toy_model):
+    with Omni(toy_model, DiffusionParallelConfig(cfg_parallel_size=2), threads_per_rank=1, progress_bar=False) as omni:
+        victim = omni.engine.pids[1]
+        threading.Timer(1.5, os.kill, (victim, signal.SIGKILL)).start()
+        start = time.monotonic()
+        with pytest.raises(EngineError, match="rank 1 died"):
+            omni.generate({"prompt": "slow: a", "negative_prompt": "b"}, OmniDiffusionSamplingParams(num_inference_steps=40, seed=1))
+        assert time.monotonic() - start < 15
+    assert not child_pids()
+
+
+def test_close_leaves_no_process(toy_model):
+    before = child_pids()
+    omni = Omni(toy_model, DiffusionParallelConfig(cfg_parallel_size=3), threads_per_rank=1, progress_bar=False)
+    pids = set(omni.engine.pids)
+    assert len(pids) == 3 and pids <= child_pids()
+    omni.close()
+    omni.close()  # idempotent
+    assert not (child_pids() - before)
+
+
+def test_two_engines_side_by_side(toy_model):
+    params = OmniDiffusionSamplingParams(num_inference_steps=3, seed=3)
+    cfg2 = DiffusionParallelConfig(cfg_parallel_size=2)
+    with Omni(toy_model, cfg2, threads_per_rank=1, progress_bar=False) as a, \
+         Omni(toy_model, cfg2, threads_per_rank=1, progress_bar=False) as b:
+        assert np.array_equal(pixels(a.generate(PROMPT, params)[0]), pixels(b.generate(PROMPT, params)[0]))
+
+
+def test_generate_takes_a_list_and_checks_prompts(toy_model):
+    with Omni(toy_model, threads_per_rank=1, progress_bar=False) as omni:
+        outs = omni.generate(["one", {"prompt": "two"}], OmniDiffusionSamplingParams(num_inference_steps=2, seed=0))
+        assert [o.prompt for o in outs] == ["one", "two"]
+        assert all(o.metrics.total_s > 0 for o in outs)
+        with pytest.raises(ValueError, match="unknown prompt keys"):
+            omni.generate({"prompt": "x", "negative": "y"})
+        with pytest.raises(ValueError, match="must be a PIL image"):
+            omni.generate({"prompt": "x", "multi_modal_data": {"image": "input.png"}})
