@@ -1,0 +1,132 @@
+"""Qwen-Image and Qwen-Image-Edit on tiny random-weight folders: same pictures as diffusers'
+pipelines, and bit-identical across cfg_parallel_size."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cfgpar import DiffusionParallelConfig, Omni, OmniDiffusionSamplingParams
+from cfgpar.models.loader import ModelLoadError
+from cfgpar.pipelines.base import RequestError
+from cfgpar.testing.tiny_models import load_reference_processor, write_tiny_qwen_image
+
+NEG = "low quality, blurry"
+# Small vision-tower input keeps the tests fast; parity holds for any processor config.
+MAX_PIXELS = 64 * 28 * 28
+
+
+@pytest.fixture(scope="module")
+def t2i_folder(tmp_path_factory):
+    return write_tiny_qwen_image(tmp_path_factory.mktemp("qwen") / "t2i", edit=False, vae_scale_factor=8)
+
+
+@pytest.fixture(scope="module")
+def edit_folder(tmp_path_factory):
+    return write_tiny_qwen_image(tmp_path_factory.mktemp("qwen") / "edit", edit=True, max_pixels=MAX_PIXELS, vae_scale_factor=8)
+
+
+@pytest.fixture(scope="module")
+def input_image():
+    y, x = np.mgrid[0:96, 0:128]
+    rgb = np.stack([x * 2, y * 2, (x + y) % 256], axis=-1).astype(np.uint8)
+    return Image.fromarray(rgb)
+
+
+def omni(folder, size):
+    return Omni(str(folder), DiffusionParallelConfig(cfg_parallel_size=size), threads_per_rank=1, progress_bar=False)
+
+
+def arrays(out):
+    return np.stack([np.asarray(im, dtype=np.int16) for im in out.images])
+
+
+def diffusers_pipeline(folder, edit):
+    import diffusers
+    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
+
+    components = dict(
+        transformer=diffusers.QwenImageTransformer2DModel.from_pretrained(folder / "transformer"),
+        vae=diffusers.AutoencoderKLQwenImage.from_pretrained(folder / "vae"),
+        text_encoder=Qwen2_5_VLForConditionalGeneration.from_pretrained(folder / "text_encoder"),
+        tokenizer=Qwen2Tokenizer.from_pretrained(folder / "tokenizer"),
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler.from_pretrained(folder / "scheduler"),
+    )
+    if edit:
+        components["processor"] = load_reference_processor(folder / "processor")
+        pipe = diffusers.QwenImageEditPipeline(**components)
+    else:
+        pipe = diffusers.QwenImagePipeline(**components)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_text_to_image_matches_diffusers_and_cfg_sizes(t2i_folder):
+    prompt = {"prompt": "a blue square on the left, black background", "negative_prompt": NEG}
+    params = OmniDiffusionSamplingParams(true_cfg_scale=4.0, num_inference_steps=3, seed=11, height=64, width=96,
+                                         num_outputs_per_prompt=2)
+    outs = {}
+    for size in (1, 2):
+        with omni(t2i_folder, size) as engine:
+            (outs[size],) = engine.generate(prompt, params)
+    assert outs[2].metrics.num_branches == 2
+    assert outs[1].images[0].size == (96, 64) and len(outs[1].images) == 2
+    assert np.array_equal(arrays(outs[1]), arrays(outs[2]))
+
+    ref = diffusers_pipeline(t2i_folder, edit=False)(
+        prompt=prompt["prompt"], negative_prompt=NEG, true_cfg_scale=4.0, num_inference_steps=3, height=64, width=96,
+        num_images_per_prompt=2, generator=torch.Generator().manual_seed(11),
+    ).images
+    expected = np.stack([np.asarray(im, dtype=np.int16) for im in ref])
+    assert np.abs(arrays(outs[1]) - expected).max() <= 1
+
+
+def test_edit_matches_diffusers_and_cfg_sizes(edit_folder, input_image):
+    prompt = {"prompt": "turn the square into a triangle", "negative_prompt": NEG,
+              "multi_modal_data": {"image": input_image}}
+    params = OmniDiffusionSamplingParams(true_cfg_scale=4.0, num_inference_steps=3, seed=5, height=64, width=64)
+    outs = {}
+    for size in (1, 2):
+        with omni(edit_folder, size) as engine:
+            (outs[size],) = engine.generate(prompt, params)
+    assert np.array_equal(arrays(outs[1]), arrays(outs[2]))
+
+    ref = diffusers_pipeline(edit_folder, edit=True)(
+        image=input_image, prompt=prompt["prompt"], negative_prompt=NEG, true_cfg_scale=4.0, num_inference_steps=3,
+        height=64, width=64, generator=torch.Generator().manual_seed(5),
+    ).images
+    assert np.abs(arrays(outs[1]) - np.asarray(ref[0], dtype=np.int16)[None]).max() <= 1
+
+
+def test_edit_three_branch_guidance_on_1_2_3_ranks(edit_folder, input_image):
+    prompt = {"prompt": "make the circle blue", "negative_prompt": NEG, "multi_modal_data": {"image": input_image}}
+    params = OmniDiffusionSamplingParams(true_cfg_scale=4.0, image_guidance_scale=1.5, num_inference_steps=2,
+                                         seed=3, height=32, width=32)
+    results = []
+    for size in (1, 2, 3):
+        with omni(edit_folder, size) as engine:
+            (out,) = engine.generate(prompt, params)
+        assert out.metrics.num_branches == 3
+        results.append(arrays(out))
+    assert np.array_equal(results[0], results[1]) and np.array_equal(results[0], results[2])
+
+
+def test_pipeline_checks_requests(t2i_folder, edit_folder, input_image):
+    with omni(edit_folder, 1) as engine:
+        with pytest.raises(RequestError, match="needs multi_modal_data"):
+            engine.generate({"prompt": "x"}, OmniDiffusionSamplingParams(num_inference_steps=1, seed=0))
+    with omni(t2i_folder, 1) as engine:
+        with pytest.raises(RequestError, match="image-edit models only"):
+            engine.generate("x", OmniDiffusionSamplingParams(num_inference_steps=1, image_guidance_scale=2.0))
+    with pytest.raises(ValueError, match="cfg_parallel_size=3 is larger than the 2 guidance branches of QwenImagePipeline"):
+        omni(t2i_folder, 3)
+
+
+def test_model_errors(tmp_path, t2i_folder):
+    with pytest.raises(ModelLoadError, match="could not fetch model 'Qwen/Not-A-Model'.*local folder"):
+        Omni("Qwen/Not-A-Model")
+    with pytest.raises(ModelLoadError, match="neither a model folder nor a hub repo id"):
+        Omni(str(tmp_path / "missing" / "deep" / "path"))
+    (tmp_path / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
+    with pytest.raises(ModelLoadError, match="'StableDiffusionPipeline'.*supported: QwenImageEditPipeline, QwenImagePipeline"):
+        Omni(str(tmp_path))
