@@ -70,6 +70,12 @@ class Omni:
         # Stops the ranks at garbage collection or interpreter exit, without keeping this Omni alive.
         self._finalizer = weakref.finalize(self, Engine.close, self.engine)
 
+    @property
+    def model_info(self) -> dict:
+        """Facts about the loaded model: task ("edit" or "text-to-image"), max_branches,
+        size_unit (output sides are multiples of it), default_size, device."""
+        return dict(self.engine.model_info)
+
     def generate(
         self,
         prompts: PromptType | Sequence[PromptType],

@@ -69,6 +69,8 @@ class Engine:
         self._store: dist.TCPStore | None = None
         self._failure: str | None = None
         self._lock = threading.Lock()
+        self.model_info: dict = {}
+        """What rank 0 reported once loaded: task, max_branches, size_unit, default_size, device."""
 
     @property
     def world_size(self) -> int:
@@ -102,10 +104,11 @@ class Engine:
             self._procs.append(proc)
             self._conns.append(parent)
         try:
-            self._collect("starting", timeout=self.config.start_timeout_s)
+            replies = self._collect("starting", timeout=self.config.start_timeout_s)
         except EngineError:
             self.close()
             raise
+        self.model_info = {k: v for k, v in replies[0][1].items() if k != "pid"}
 
     def _serve_rendezvous(self) -> RendezvousInfo:
         # Port 0: the OS picks a free port, so engines on one machine never collide.

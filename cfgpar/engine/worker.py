@@ -43,7 +43,7 @@ def worker_main(spec: WorkerSpec, conn: Connection) -> None:
     except BaseException:
         _send(conn, ("crash", traceback.format_exc()))
         return
-    _send(conn, ("ready", {"pid": os.getpid(), "device": str(state[1].device)}))
+    _send(conn, ("ready", {"pid": os.getpid(), "device": str(state[1].device), **state[0].describe()}))
     try:
         _serve(spec, conn, *state)
     finally:

@@ -64,6 +64,13 @@ def pipeline_path(folder: Path) -> str:
     return PIPELINES[class_name]
 
 
+def model_options(folder: Path) -> dict:
+    """cfgpar's own settings of a model folder: model_index.json's "_cfgpar" entry (diffusers
+    ignores keys starting with "_"). Known keys: "default_image_size" (px, text-to-image) and
+    "condition_image_area" (px², the size edit models resize their input image to)."""
+    return json.loads((Path(folder) / "model_index.json").read_text()).get("_cfgpar", {})
+
+
 def import_pipeline(path: str):
     module, _, attr = path.partition(":")
     try:

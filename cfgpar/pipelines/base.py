@@ -43,6 +43,13 @@ class DiffusionPipeline(ABC):
     max_branches: ClassVar[int] = 2
     """Most guidance branches a request to this pipeline can have; bounds cfg_parallel_size."""
 
+    task: ClassVar[str] = "text-to-image"
+    """"text-to-image" or "edit" (the request must carry an input image)."""
+
+    def describe(self) -> dict[str, Any]:
+        """Facts about the loaded model that callers validate requests against."""
+        return {"task": self.task, "max_branches": self.max_branches}
+
     @classmethod
     @abstractmethod
     def from_pretrained(cls, folder: Path, *, device: torch.device, dtype: torch.dtype) -> "DiffusionPipeline":

@@ -18,6 +18,7 @@ from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
 
 from cfgpar.engine.request import GenerationRequest
 from cfgpar.guidance import Branch, Guidance, make_combine, norm_preserving_cfg, unguided
+from cfgpar.models.loader import model_options
 from cfgpar.pipelines.base import DiffusionPipeline, Plan, RequestError
 
 T2I_TEMPLATE = (
@@ -52,7 +53,10 @@ def unpack_latents(latents: torch.Tensor, h: int, w: int) -> torch.Tensor:
 class QwenImagePipeline(DiffusionPipeline):
     max_branches = 2
 
-    def __init__(self, *, transformer, vae, text_encoder, tokenizer, scheduler, device: torch.device, dtype: torch.dtype):
+    def __init__(
+        self, *, transformer, vae, text_encoder, tokenizer, scheduler, device: torch.device, dtype: torch.dtype,
+        default_size: int | None = None,
+    ):
         self.transformer = transformer.eval()
         self.vae = vae.eval()
         self.text_encoder = text_encoder.eval()
@@ -63,7 +67,7 @@ class QwenImagePipeline(DiffusionPipeline):
         self.vae_scale_factor = 2 ** len(vae.config.temperal_downsample)
         self.unit = self.vae_scale_factor * 2  # pixels per latent token side (VAE stride x 2x2 packing)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.unit)
-        self.default_size = 128 * self.vae_scale_factor
+        self.default_size = default_size or 128 * self.vae_scale_factor
 
     @classmethod
     def load_components(cls, folder: Path, *, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
@@ -74,11 +78,15 @@ class QwenImagePipeline(DiffusionPipeline):
             text_encoder=Qwen2_5_VLForConditionalGeneration.from_pretrained(folder / "text_encoder", dtype=dtype).to(device),
             tokenizer=Qwen2Tokenizer.from_pretrained(folder / "tokenizer"),
             scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(folder / "scheduler"),
+            default_size=model_options(folder).get("default_image_size"),
         )
 
     @classmethod
     def from_pretrained(cls, folder: Path, *, device: torch.device, dtype: torch.dtype) -> "QwenImagePipeline":
         return cls(**cls.load_components(folder, device=device, dtype=dtype), device=device, dtype=dtype)
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "size_unit": self.unit, "default_size": self.default_size}
 
     # ---- guidance ----------------------------------------------------------------------------
 

@@ -16,6 +16,7 @@ import torch
 
 from cfgpar.engine.request import GenerationRequest
 from cfgpar.guidance import Branch, Guidance, make_combine, norm_preserving_dual_cfg
+from cfgpar.models.loader import model_options
 from cfgpar.models.qwen_vl_processor import QwenVLProcessor
 from cfgpar.pipelines.base import Plan, RequestError
 from cfgpar.pipelines.qwen_image import T2I_TEMPLATE, T2I_TEMPLATE_DROP, QwenImagePipeline, pack_latents
@@ -40,16 +41,19 @@ def condition_size(width: int, height: int, area: int = CONDITION_AREA) -> tuple
 
 class QwenImageEditPipeline(QwenImagePipeline):
     max_branches = 3
+    task = "edit"
 
-    def __init__(self, *, processor: QwenVLProcessor, **components):
+    def __init__(self, *, processor: QwenVLProcessor, condition_area: int = CONDITION_AREA, **components):
         super().__init__(**components)
         self.processor = processor
+        self.condition_area = condition_area
         self.latent_channels = self.vae.config.z_dim
 
     @classmethod
     def load_components(cls, folder: Path, *, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
         components = super().load_components(folder, device=device, dtype=dtype)
         components["processor"] = QwenVLProcessor.from_pretrained(Path(folder) / "processor")
+        components["condition_area"] = int(model_options(folder).get("condition_image_area", CONDITION_AREA))
         return components
 
     def guidance(self, request: GenerationRequest) -> Guidance:
@@ -66,13 +70,13 @@ class QwenImageEditPipeline(QwenImagePipeline):
         return Guidance((*guidance.branches, unconditional), combine)
 
     def output_size(self, request: GenerationRequest) -> tuple[int, int]:
-        cond_w, cond_h = condition_size(*request.image.size)
+        cond_w, cond_h = condition_size(*request.image.size, self.condition_area)
         return self._round_to_unit(request.params.height or cond_h, request.params.width or cond_w)
 
     @torch.no_grad()
     def prepare(self, request: GenerationRequest, rows: list[int]) -> Plan:
         height, width = self.output_size(request)
-        cond_w, cond_h = condition_size(*request.image.size)
+        cond_w, cond_h = condition_size(*request.image.size, self.condition_area)
         resized = self.image_processor.resize(request.image.convert("RGB"), cond_h, cond_w)
         pixels = self.image_processor.preprocess(resized, cond_h, cond_w).unsqueeze(2)  # [1, 3, 1, H, W]
         image_latents = self._encode_image(pixels.to(self.device, self.dtype))

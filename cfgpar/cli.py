@@ -1,0 +1,125 @@
+"""The `cfgpar` command: edit, generate, serve (and later bench)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from cfgpar.diffusion.data import MAX_CFG_PARALLEL_SIZE
+
+DEFAULT_NEGATIVE = "low quality, blurry"
+
+
+class CliError(Exception):
+    """A user mistake: printed as one line, exit status 2."""
+
+
+def _add_sampling_args(p: argparse.ArgumentParser, *, size: bool) -> None:
+    p.add_argument("--prompt", required=True, help="what to generate, or how to edit")
+    p.add_argument("--negative-prompt", default=DEFAULT_NEGATIVE,
+                   help=f"negative branch of CFG (default: {DEFAULT_NEGATIVE!r}; '' for the empty prompt)")
+    p.add_argument("--cfg-scale", type=float, default=4.0, help="true_cfg_scale; <= 1 turns guidance off (default 4)")
+    p.add_argument("--image-guidance-scale", type=float, default=None,
+                   help="edit only: adds a third, image-unconditional branch (text + image guidance)")
+    p.add_argument("--num-inference-steps", type=int, default=20, help="denoising steps (default 20)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial noise (default 0)")
+    p.add_argument("--cfg-parallel-size", type=int, default=2, choices=range(1, MAX_CFG_PARALLEL_SIZE + 1),
+                   help="ranks the guidance branches are spread over (default 2)")
+    p.add_argument("--model", default=None, help="hub id or local folder (default: the embedded shapes model)")
+    if size:
+        p.add_argument("--height", type=int, default=None, help="output height in px (default: the model's)")
+        p.add_argument("--width", type=int, default=None, help="output width in px (default: the model's)")
+    p.add_argument("--output", "-o", default=None, help="where to write the PNG")
+    p.add_argument("--threads-per-rank", type=int, default=None, help="CPU threads per rank (default: cores / ranks)")
+    p.add_argument("--verbose", "-v", action="store_true", help="tracebacks and library logs")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cfgpar", description="Diffusion with classifier-free guidance in parallel.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    edit = sub.add_parser("edit", help="edit a picture as the prompt says")
+    edit.add_argument("--image", required=True, help="input picture (PNG, JPEG, ...)")
+    _add_sampling_args(edit, size=True)
+    edit.set_defaults(run=run_edit)
+    gen = sub.add_parser("generate", help="text to image")
+    _add_sampling_args(gen, size=True)
+    gen.set_defaults(run=run_generate)
+    try:
+        from cfgpar.server.cli import add_serve_parser
+    except ImportError:
+        pass
+    else:
+        add_serve_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    try:
+        return args.run(args) or 0
+    except KeyboardInterrupt:
+        print("cfgpar: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # one clear line unless --verbose
+        if getattr(args, "verbose", False):
+            raise
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"cfgpar: error: {message}", file=sys.stderr)
+        return 2 if isinstance(exc, (CliError, ValueError, FileNotFoundError)) else 1
+
+
+def run_edit(args) -> int:
+    image = _open_image(args.image)
+    return _run(args, "edit", {"image": image}, default_output=Path(args.image).with_name(Path(args.image).stem + "_edited.png"))
+
+
+def run_generate(args) -> int:
+    return _run(args, "text-to-image", {}, default_output=Path("generated.png"))
+
+
+def _run(args, task: str, multi_modal_data: dict, default_output: Path) -> int:
+    from cfgpar import DiffusionParallelConfig, Omni, OmniDiffusionSamplingParams
+    from cfgpar.models.embedded import default_model
+
+    params = OmniDiffusionSamplingParams(
+        true_cfg_scale=args.cfg_scale, num_inference_steps=args.num_inference_steps, seed=args.seed,
+        height=args.height, width=args.width, image_guidance_scale=getattr(args, "image_guidance_scale", None),
+    )
+    output = Path(args.output) if args.output else default_output
+    if output.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
+        raise CliError(f"--output must end in .png, .jpg, .jpeg or .webp, got {str(output)!r}.")
+    prompt = {"prompt": args.prompt, "negative_prompt": args.negative_prompt}
+    if multi_modal_data:
+        prompt["multi_modal_data"] = multi_modal_data
+    parallel = DiffusionParallelConfig(cfg_parallel_size=args.cfg_parallel_size)
+    with Omni(args.model or default_model(task), parallel, threads_per_rank=args.threads_per_rank) as omni:
+        if omni.model_info.get("task") != task:
+            raise CliError(f"model {args.model!r} is a {omni.model_info.get('task')} model; `cfgpar "
+                           f"{'edit' if task == 'edit' else 'generate'}` needs a {task} model.")
+        (out,) = omni.generate(prompt, params)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    out.images[0].save(output)
+    m = out.metrics
+    print(f"wrote {output} | {out.images[0].width}x{out.images[0].height}, {m.num_branches} CFG branch(es) on "
+          f"{args.cfg_parallel_size} rank(s), seed {out.seed} | encode {m.encode_s:.2f}s, denoise {m.denoise_s:.2f}s, "
+          f"decode {m.decode_s:.2f}s, total {m.total_s:.2f}s")
+    return 0
+
+
+def _open_image(path: str):
+    from PIL import Image, UnidentifiedImageError
+
+    if not Path(path).is_file():
+        raise CliError(f"--image {path!r}: no such file.")
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (UnidentifiedImageError, OSError) as exc:
+        raise CliError(f"--image {path!r} is not a picture PIL can read ({exc}).") from None
+
+
+if __name__ == "__main__":
+    sys.exit(main())
