@@ -9,7 +9,8 @@ from PIL import Image
 from cfgpar import DiffusionParallelConfig, Omni, OmniDiffusionSamplingParams
 from cfgpar.models.loader import ModelLoadError
 from cfgpar.pipelines.base import RequestError
-from cfgpar.testing.tiny_models import load_reference_processor, write_tiny_qwen_image
+from cfgpar.testing.reference import diffusers_pipeline
+from cfgpar.testing.tiny_models import write_tiny_qwen_image
 
 NEG = "low quality, blurry"
 # Small vision-tower input keeps the tests fast; parity holds for any processor config.
@@ -39,26 +40,6 @@ def omni(folder, size):
 
 def arrays(out):
     return np.stack([np.asarray(im, dtype=np.int16) for im in out.images])
-
-
-def diffusers_pipeline(folder, edit):
-    import diffusers
-    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
-
-    components = dict(
-        transformer=diffusers.QwenImageTransformer2DModel.from_pretrained(folder / "transformer"),
-        vae=diffusers.AutoencoderKLQwenImage.from_pretrained(folder / "vae"),
-        text_encoder=Qwen2_5_VLForConditionalGeneration.from_pretrained(folder / "text_encoder"),
-        tokenizer=Qwen2Tokenizer.from_pretrained(folder / "tokenizer"),
-        scheduler=diffusers.FlowMatchEulerDiscreteScheduler.from_pretrained(folder / "scheduler"),
-    )
-    if edit:
-        components["processor"] = load_reference_processor(folder / "processor")
-        pipe = diffusers.QwenImageEditPipeline(**components)
-    else:
-        pipe = diffusers.QwenImagePipeline(**components)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def test_text_to_image_matches_diffusers_and_cfg_sizes(t2i_folder):

@@ -41,6 +41,7 @@ def _generate_guided(pipeline, request, guidance, mesh, progress) -> GenerationR
     start = time.perf_counter()
     n, size, rank = len(guidance.branches), mesh.cfg_size, mesh.cfg_rank
     plan = pipeline.prepare(request, list(range(request.params.num_outputs_per_prompt)))
+    metrics.prepare_s = time.perf_counter() - start
     mine = branches_of_rank(n, size, rank)
     conds = {i: pipeline.encode(request, guidance.branches[i], plan) for i in mine}
     metrics.encode_s = time.perf_counter() - start
@@ -50,10 +51,12 @@ def _generate_guided(pipeline, request, guidance, mesh, progress) -> GenerationR
     # Reused every step; slots past len(mine) stay zero (padding for ranks with fewer branches).
     local = latents.new_zeros((slots_per_rank(n, size), *latents.shape))
     for t in _steps(plan.timesteps, progress and rank == 0):
+        forward_start = time.perf_counter()
         for slot, i in enumerate(mine):
             local[slot] = pipeline.predict(plan, guidance.branches[i], conds[i], latents, t)
         gather_start = time.perf_counter()
         gathered = all_gather_slots(local, mesh.cfg_group, size)
+        metrics.forward_s += gather_start - forward_start
         metrics.allgather_s += time.perf_counter() - gather_start
         preds = [gathered[gathered_index(i, size)] for i in range(n)]
         latents = pipeline.step(guidance.combine(preds), t, latents)
@@ -67,6 +70,7 @@ def _generate_split(pipeline, request, mesh, progress) -> GenerationResult | Non
     start = time.perf_counter()
     total, size, rank = request.params.num_outputs_per_prompt, mesh.cfg_size, mesh.cfg_rank
     plan = pipeline.prepare(request, split_outputs(total, size, rank))
+    metrics.prepare_s = time.perf_counter() - start
     latents = plan.latents
     if latents.shape[0]:
         (branch,) = pipeline.guidance(request).branches

@@ -137,7 +137,9 @@ class Engine:
             raise RequestError(replies[0][1])
         if kinds != {"ok"}:
             self._fail(f"ranks disagreed on request {request.request_id}: {[k for k, _ in replies]}")
-        return replies[0][1]
+        result = replies[0][1][0]
+        result.metrics.peak_memory_mb = [peak for _, (_, peak) in replies]
+        return result
 
     def _collect(self, what: str, timeout: float | None = None) -> list[tuple]:
         """One reply per rank, in rank order; any crash or death fails the engine at once."""

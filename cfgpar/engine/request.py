@@ -26,7 +26,9 @@ class StageMetrics:
     """Seconds spent in each stage of one request, measured on rank 0 (total on the caller)."""
 
     encode_s: float = 0.0
-    """Prompt (and input-image) encoding, noise and schedule set-up."""
+    """Set-up and encoding: `prepare_s` plus this rank's branch prompts."""
+    prepare_s: float = 0.0
+    """Per-request set-up every rank does: noise, schedule, VAE encode of an input image."""
     denoise_s: float = 0.0
     """The denoising loop, all-gathers included."""
     decode_s: float = 0.0
@@ -37,6 +39,12 @@ class StageMetrics:
     """Guidance branches the request ran with."""
     allgather_s: float = 0.0
     """Part of `denoise_s` spent in the per-step all-gather (waiting for peers included)."""
+    forward_s: float = 0.0
+    """Part of `denoise_s` spent in rank 0's transformer forwards (host time: on CUDA it counts
+    launches, not kernels, since the loop does not synchronise per step)."""
+
+    peak_memory_mb: list[float] = field(default_factory=list)
+    """Peak memory of each rank so far (GPU allocated on CUDA, resident set on CPU), in MiB."""
 
     def as_dict(self) -> dict[str, float]:
         return dict(self.__dict__)

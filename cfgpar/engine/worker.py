@@ -2,8 +2,8 @@
 
 Control plane: (kind, payload) tuples over this rank's Pipe to the engine. Commands:
 ("generate", GenerationRequest) and ("shutdown", None). Replies: ("ready", info),
-("ok", GenerationResult | None), ("request_error", message) for a bad request (the rank goes
-on), ("crash", traceback) for anything else (the rank exits; the engine stops the others).
+("ok", (GenerationResult | None, peak memory MiB)), ("request_error", message) for a bad request
+(the rank goes on), ("crash", traceback) for anything else (the rank exits; the engine stops the others).
 Tensors between ranks go over torch.distributed only (the data plane), never over the Pipe.
 """
 
@@ -89,7 +89,18 @@ def _serve(spec: WorkerSpec, conn: Connection, pipeline, mesh) -> None:
         except BaseException:
             _send(conn, ("crash", traceback.format_exc()))
             return
-        _send(conn, ("ok", result))
+        _send(conn, ("ok", (result, peak_memory_mb(mesh.device))))
+
+
+def peak_memory_mb(device) -> float:
+    """Peak memory of this rank so far: GPU memory allocated on CUDA, resident set on CPU."""
+    import resource
+
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def _send(conn: Connection, message) -> None:

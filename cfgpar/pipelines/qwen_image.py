@@ -18,6 +18,7 @@ from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
 
 from cfgpar.engine.request import GenerationRequest
 from cfgpar.guidance import Branch, Guidance, make_combine, norm_preserving_cfg, unguided
+from cfgpar.models.image_vae import use_2d_convs_for_images
 from cfgpar.models.loader import model_options
 from cfgpar.pipelines.base import DiffusionPipeline, Plan, RequestError
 
@@ -74,7 +75,7 @@ class QwenImagePipeline(DiffusionPipeline):
         folder = Path(folder)
         return dict(
             transformer=QwenImageTransformer2DModel.from_pretrained(folder / "transformer", torch_dtype=dtype).to(device),
-            vae=AutoencoderKLQwenImage.from_pretrained(folder / "vae", torch_dtype=dtype).to(device),
+            vae=use_2d_convs_for_images(AutoencoderKLQwenImage.from_pretrained(folder / "vae", torch_dtype=dtype).to(device)),
             text_encoder=Qwen2_5_VLForConditionalGeneration.from_pretrained(folder / "text_encoder", dtype=dtype).to(device),
             tokenizer=Qwen2Tokenizer.from_pretrained(folder / "tokenizer"),
             scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(folder / "scheduler"),

@@ -1,0 +1,30 @@
+"""diffusers' own pipelines on a model folder: the reference cfgpar is checked and timed against."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def diffusers_pipeline(folder: Path, *, edit: bool):
+    """diffusers' QwenImagePipeline (or QwenImageEditPipeline) with every component loaded from
+    `folder`. The processor is transformers' own, built without its video half (torchvision)."""
+    import diffusers
+    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
+
+    from cfgpar.testing.tiny_models import load_reference_processor
+
+    folder = Path(folder)
+    components = dict(
+        transformer=diffusers.QwenImageTransformer2DModel.from_pretrained(folder / "transformer"),
+        vae=diffusers.AutoencoderKLQwenImage.from_pretrained(folder / "vae"),
+        text_encoder=Qwen2_5_VLForConditionalGeneration.from_pretrained(folder / "text_encoder"),
+        tokenizer=Qwen2Tokenizer.from_pretrained(folder / "tokenizer"),
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler.from_pretrained(folder / "scheduler"),
+    )
+    if edit:
+        components["processor"] = load_reference_processor(folder / "processor")
+        pipe = diffusers.QwenImageEditPipeline(**components)
+    else:
+        pipe = diffusers.QwenImagePipeline(**components)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
