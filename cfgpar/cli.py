@@ -46,6 +46,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="text to image")
     _add_sampling_args(gen, size=True)
     gen.set_defaults(run=run_generate)
+    bench = sub.add_parser("bench", help="time CFG-Parallel against cfg_parallel_size=1 and diffusers")
+    bench.add_argument("--runs", type=int, default=3, help="timed requests per point, after a warm-up (default 3)")
+    bench.add_argument("--quick", action="store_true", help="fewer sweep points and one run each (plumbing check)")
+    bench.add_argument("--num-layers", type=int, default=8, help="transformer blocks of the benchmark model")
+    bench.add_argument("--out", default="benchmarks/results", help="where bench.json, bench.md and the plot go")
+    bench.add_argument("--verbose", "-v", action="store_true")
+    bench.set_defaults(run=run_bench)
     try:
         from cfgpar.server.cli import add_serve_parser
     except ImportError:
@@ -106,6 +113,21 @@ def _run(args, task: str, multi_modal_data: dict, default_output: Path) -> int:
     print(f"wrote {output} | {out.images[0].width}x{out.images[0].height}, {m.num_branches} CFG branch(es) on "
           f"{args.cfg_parallel_size} rank(s), seed {out.seed} | encode {m.encode_s:.2f}s, denoise {m.denoise_s:.2f}s, "
           f"decode {m.decode_s:.2f}s, total {m.total_s:.2f}s")
+    return 0
+
+
+def run_bench(args) -> int:
+    from cfgpar.bench import report, suite
+    from cfgpar.bench.measure import Point
+
+    cfg = suite.BenchConfig(num_layers=args.num_layers, runs=args.runs, out=Path(args.out))
+    if args.quick:
+        cfg = suite.BenchConfig(num_layers=2, runs=1, headline=Point(64, 4), sizes=(64, 96), sweep_steps=4,
+                                steps=(2, 4), steps_size=64, out=Path(args.out))
+    results = suite.run(cfg, log=lambda line: print(f"cfgpar bench: {line}", flush=True))
+    paths = report.write(results, cfg.out)
+    print(report.markdown(results))
+    print("wrote " + ", ".join(str(p) for p in paths))
     return 0
 
 
