@@ -81,12 +81,17 @@ class ParallelMesh:
         return self._mesh.get_group("cfg") if self._mesh is not None else None
 
 
-def all_gather_slots(local: torch.Tensor, group: dist.ProcessGroup | None, size: int) -> torch.Tensor:
-    """All-gather equal-shaped [slots, ...] tensors from `size` ranks into [size, slots, ...]."""
+def all_gather_slots(
+    local: torch.Tensor, group: dist.ProcessGroup | None, size: int, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """All-gather equal-shaped [slots, ...] tensors from `size` ranks into [size, slots, ...].
+
+    `out`, if given, is reused as the [size, slots, ...] result (no allocation per call)."""
     if size == 1:
         return local.unsqueeze(0)
-    local = local.contiguous()
-    out = torch.empty((size * local.shape[0], *local.shape[1:]), dtype=local.dtype, device=local.device)
+    if out is None:
+        out = local.new_empty((size, *local.shape))
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    gather(out, local, group=group)
-    return out.view(size, *local.shape)
+    # The backends take the output flat along dim 0: [size * slots, ...].
+    gather(out.view(size * local.shape[0], *local.shape[1:]), local.contiguous(), group=group)
+    return out

@@ -50,12 +50,13 @@ def _generate_guided(pipeline, request, guidance, mesh, progress) -> GenerationR
     latents = plan.latents
     # Reused every step; slots past len(mine) stay zero (padding for ranks with fewer branches).
     local = latents.new_zeros((slots_per_rank(n, size), *latents.shape))
+    gathered = latents.new_empty((size, *local.shape))
     for t in _steps(plan.timesteps, progress and rank == 0):
         forward_start = time.perf_counter()
         for slot, i in enumerate(mine):
             local[slot] = pipeline.predict(plan, guidance.branches[i], conds[i], latents, t)
         gather_start = time.perf_counter()
-        gathered = all_gather_slots(local, mesh.cfg_group, size)
+        gathered = all_gather_slots(local, mesh.cfg_group, size, out=gathered)
         metrics.forward_s += gather_start - forward_start
         metrics.allgather_s += time.perf_counter() - gather_start
         preds = [gathered[gathered_index(i, size)] for i in range(n)]
