@@ -5,7 +5,6 @@ plot under benchmarks/results/."""
 
 from __future__ import annotations
 
-import json
 import platform
 import time
 from dataclasses import asdict, dataclass, field
@@ -56,17 +55,15 @@ def build_models(cfg: BenchConfig, root: Path) -> tuple[Path, Path]:
     """Edit and text-to-image folders with the same random weights (written once, then reused)."""
     from cfgpar.testing.tiny_models import write_tiny_qwen_image
 
-    name = f"l{cfg.num_layers}-h{cfg.heads}x{cfg.head_dim}-t{cfg.text_hidden}"
+    name = f"l{cfg.num_layers}-h{cfg.heads}x{cfg.head_dim}-t{cfg.text_hidden}-c{cfg.headline.size}"
     folders = []
     for edit in (True, False):
         folder = root / f"qwen-image{'-edit' if edit else ''}-{name}"
         if not (folder / "model_index.json").exists():
             write_tiny_qwen_image(folder, edit=edit, num_layers=cfg.num_layers, num_attention_heads=cfg.heads,
                                   attention_head_dim=cfg.head_dim, text_hidden_size=cfg.text_hidden,
-                                  vae_scale_factor=8, max_pixels=64 * 28 * 28)
-            index = json.loads((folder / "model_index.json").read_text())
-            index["_cfgpar"] = {"condition_image_area": cfg.headline.size**2}
-            (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+                                  vae_scale_factor=8, max_pixels=64 * 28 * 28,
+                                  options={"condition_image_area": cfg.headline.size**2})
         folders.append(folder)
     return folders[0], folders[1]
 

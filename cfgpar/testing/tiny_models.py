@@ -355,6 +355,7 @@ def write_tiny_qwen_image(
     z_dim: int = 4,
     vae_scale_factor: int = 4,
     max_pixels: int = QWEN_VL_MAX_PIXELS,
+    options: dict | None = None,
 ) -> Path:
     """Write a tiny random-weight Qwen-Image (or, with ``edit=True``, Qwen-Image-Edit) folder.
 
@@ -363,7 +364,8 @@ def write_tiny_qwen_image(
     is the text encoder's ``text_hidden_size``. ``vae_scale_factor`` is 4 (diffusers' tiny test
     VAE) or 8 (the real VAE's down-sampling, much faster on 1024x1024 edit inputs); ``z_dim`` is
     at most 16. ``max_pixels`` bounds the condition image that the edit processor feeds the
-    vision tower (the real value is the default). Each component is initialised under
+    vision tower (the real value is the default). ``options`` become model_index.json's
+    ``"_cfgpar"`` entry (see cfgpar.models.loader.model_options). Each component is initialised under
     ``torch.manual_seed(seed)``, so equal arguments write equal weights; the caller's RNG state
     is left untouched. Returns the folder.
     """
@@ -415,7 +417,10 @@ def write_tiny_qwen_image(
     tokenizer.save_pretrained(path / "tokenizer")
     if edit:
         write_processor_folder(path / "processor", tokenizer=tokenizer, max_pixels=max_pixels)
-    _write_json(path / "model_index.json", _model_index(edit))
+    index = _model_index(edit)
+    if options:
+        index["_cfgpar"] = dict(options)
+    _write_json(path / "model_index.json", index)
     return path
 
 

@@ -1,0 +1,91 @@
+"""The `cfgpar` command and the guide's example scripts, as a user runs them."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cfgpar.testing.tiny_models import write_tiny_qwen_image
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples" / "offline_inference"
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    # Small condition images and outputs keep it fast.
+    options = {"condition_image_area": 64 * 64, "default_image_size": 64}
+    edit = write_tiny_qwen_image(root / "edit", edit=True, max_pixels=16 * 28 * 28, vae_scale_factor=8, options=options)
+    t2i = write_tiny_qwen_image(root / "t2i", edit=False, vae_scale_factor=8, options=options)
+    picture = root / "in.png"
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(picture)
+    return {"edit": edit, "t2i": t2i, "picture": picture}
+
+
+def cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "cfgpar.cli", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, timeout=600)
+
+
+def pixels(path):
+    return np.asarray(Image.open(path))
+
+
+def test_edit_on_1_and_2_ranks_gives_the_same_picture(models, tmp_path):
+    outs = []
+    for size in (1, 2):
+        out = tmp_path / f"edit{size}.png"
+        done = cli("edit", "--image", models["picture"], "--prompt", "make the circle blue", "--model", models["edit"],
+                   "--num-inference-steps", 3, "--cfg-parallel-size", size, "--output", out)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert f"wrote {out}" in done.stdout and f"on {size} rank(s)" in done.stdout and "denoise" in done.stdout
+        assert "denoise" in done.stderr  # the progress bar, from rank 0
+        outs.append(pixels(out))
+    assert outs[0].shape == (64, 64, 3) and np.array_equal(outs[0], outs[1])
+
+
+def test_generate(models, tmp_path):
+    out = tmp_path / "gen.png"
+    done = cli("generate", "--prompt", "a blue square", "--model", models["t2i"], "--num-inference-steps", 2,
+               "--height", 48, "--width", 32, "--output", out)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert Image.open(out).size == (32, 48)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["edit", "--image", "missing.png", "--prompt", "x"], "--image 'missing.png': no such file"),
+    (["edit", "--image", "{notimage}", "--prompt", "x"], "is not a picture PIL can read"),
+    (["generate", "--prompt", "x", "--height", "8", "--model", "{t2i}"], "height must be between 16 and 4096, got 8"),
+    (["generate", "--prompt", "x", "--model", "no/such-model"], "could not fetch model 'no/such-model'"),
+    (["generate", "--prompt", "x", "--model", "{edit}"], "is a edit model"),
+    (["edit", "--image", "{picture}", "--prompt", "x", "--model", "{edit}", "--output", "out.txt"], "--output must end in"),
+])
+def test_errors_are_one_line(models, tmp_path, args, message):
+    notimage = tmp_path / "not-an-image.png"
+    notimage.write_text("hello")
+    args = [a.format(notimage=notimage, t2i=models["t2i"], edit=models["edit"], picture=models["picture"]) for a in args]
+    done = cli(*args, cwd=tmp_path)
+    assert done.returncode != 0
+    lines = [line for line in done.stderr.splitlines() if line.startswith("cfgpar: error:")]
+    assert len(lines) == 1 and message in lines[0], done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+
+
+def test_example_scripts_match_across_cfg_sizes(models, tmp_path):
+    for script, extra in ((EXAMPLES / "image_to_image" / "image_edit.py", ["--image", models["picture"]]),
+                          (EXAMPLES / "text_to_image" / "text_to_image.py", [])):
+        outs = []
+        for size in (1, 2):
+            out = tmp_path / f"{script.stem}-{size}.png"
+            done = subprocess.run(
+                [sys.executable, script, "--model", models["edit" if extra else "t2i"], *extra, "--prompt",
+                 "make the circle blue", "--negative-prompt", "low quality, blurry", "--cfg-scale", "4.0", "--output",
+                 out, "--cfg-parallel-size", str(size), "--num-inference-steps", "2"],
+                capture_output=True, text=True, timeout=600, cwd=script.parent)
+            assert done.returncode == 0, done.stderr[-2000:]
+            outs.append(pixels(out))
+        assert np.array_equal(outs[0], outs[1])
