@@ -120,3 +120,23 @@ def test_generate_takes_a_list_and_checks_prompts(toy_model):
             omni.generate({"prompt": "x", "negative": "y"})
         with pytest.raises(ValueError, match="must be a PIL image"):
             omni.generate({"prompt": "x", "multi_modal_data": {"image": "input.png"}})
+
+
+def test_interpreter_exit_stops_the_ranks(toy_model):
+    import subprocess
+    import sys
+
+    program = (
+        "import sys; sys.path.insert(0, %r)\n"
+        "from cfgpar import DiffusionParallelConfig, Omni\n"
+        "omni = Omni(%r, DiffusionParallelConfig(cfg_parallel_size=2), threads_per_rank=1)\n"
+        "print(*omni.engine.pids)\n"  # no close(): exit must stop the ranks
+    ) % (os.path.dirname(__file__), str(toy_model))
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    pids = [int(p) for p in done.stdout.split()]
+    assert len(pids) == 2
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(os.path.exists(f"/proc/{p}") for p in pids):
+        time.sleep(0.2)
+    assert not any(os.path.exists(f"/proc/{p}") for p in pids)
