@@ -15,9 +15,10 @@ def toy_model(tmp_path_factory) -> Path:
     return write_toy_model(tmp_path_factory.mktemp("toy"))
 
 
-def child_pids() -> set[int]:
-    """Live (non-zombie) children of this process."""
-    me = str(os.getpid())
+def child_pids(parent: int | None = None, *, skip_trackers: bool = True) -> set[int]:
+    """Live (non-zombie) children of `parent` (default: this process), without multiprocessing's
+    resource tracker unless `skip_trackers` is False."""
+    me = str(parent or os.getpid())
     pids = set()
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -26,7 +27,9 @@ def child_pids() -> set[int]:
             fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if fields[1] == me and fields[0] != "Z" and b"resource_tracker" not in _cmdline(entry):
+        if fields[1] != me or fields[0] == "Z":
+            continue
+        if not skip_trackers or b"resource_tracker" not in _cmdline(entry):
             pids.add(int(entry.name))
     return pids
 

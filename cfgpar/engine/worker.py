@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import traceback
 from dataclasses import dataclass
@@ -37,6 +38,8 @@ class WorkerSpec:
 
 def worker_main(spec: WorkerSpec, conn: Connection) -> None:
     """Process entry point of one rank."""
+    # Ctrl-C in a terminal reaches the whole process group; the engine decides when ranks stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _setup_logging(spec.rank)
     try:
         state = _start(spec)

@@ -1,0 +1,193 @@
+"""`cfgpar serve`: the images API on uvicorn, one engine behind it.
+
+Start-up: the model is checked here (a bad name exits with status 2 before anything starts),
+the socket is bound, then uvicorn serves at once while the engine thread starts the ranks;
+/health answers 503 until they are up, then the "ready" line is logged. SIGINT/SIGTERM: the
+queued requests get 503, the one in flight gets --shutdown-timeout seconds, then the ranks are
+stopped and the process exits 0. If the ranks cannot be started at all, it exits 1.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+from pathlib import Path
+
+from cfgpar.diffusion.data import MAX_CFG_PARALLEL_SIZE
+
+logger = logging.getLogger("cfgpar.server")
+DEFAULT_NEGATIVE = "low quality, blurry"  # as `cfgpar edit` / `cfgpar generate`
+
+
+def add_serve_parser(subparsers) -> None:
+    p = subparsers.add_parser("serve", help="serve an OpenAI-compatible images API and a page over HTTP")
+    p.add_argument("model", nargs="?", default=None,
+                   help="hub id or local model folder (default: the embedded edit model)")
+    p.add_argument("--cfg-parallel-size", type=int, default=2, choices=range(1, MAX_CFG_PARALLEL_SIZE + 1),
+                   help="ranks the guidance branches are spread over (default 2)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8091, help="port (default 8091; 0: a free one, named in the log)")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on every endpoint but /health and the page "
+                        "(default: $CFGPAR_API_KEY if set, else no key)")
+    p.add_argument("--served-model-name", default=None, help="model id in the API (default: the folder's name)")
+    p.add_argument("--threads-per-rank", type=int, default=None, help="CPU threads per rank (default: cores / ranks)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default: cuda if enough GPUs")
+    p.add_argument("--dtype", default="auto",
+                   help="torch dtype of the weights (default: bfloat16 on GPU, else float32)")
+    p.add_argument("--queue-size", type=int, default=16,
+                   help="requests that may wait for the engine; more get 429 at once (default 16)")
+    p.add_argument("--request-timeout", type=float, default=300.0,
+                   help="seconds a request may take, queue wait included; then 504 (default 300)")
+    p.add_argument("--max-n", type=int, default=4, help="most images per request (default 4, at most 16)")
+    p.add_argument("--max-image-pixels", type=int, default=4096 * 4096,
+                   help="largest input picture, width x height (default 4096*4096)")
+    p.add_argument("--max-output-pixels", type=int, default=2048 * 2048,
+                   help="largest output size, width x height (default 2048*2048)")
+    p.add_argument("--max-upload-mb", type=float, default=32.0, help="largest request body in MiB (default 32)")
+    p.add_argument("--default-steps", type=int, default=20, help="num_inference_steps when a request has none (20)")
+    p.add_argument("--default-negative-prompt", default=DEFAULT_NEGATIVE,
+                   help=f"negative prompt when a request has none (default {DEFAULT_NEGATIVE!r})")
+    p.add_argument("--shutdown-timeout", type=float, default=10.0,
+                   help="seconds the request in flight may finish in at shutdown (default 10)")
+    p.add_argument("--restart-attempts", type=int, default=3,
+                   help="tries at restarting the ranks after one died, before giving up (default 3)")
+    p.add_argument("--no-access-log", action="store_true", help="do not log every HTTP request")
+    p.add_argument("--verbose", "-v", action="store_true", help="tracebacks and library logs")
+    p.set_defaults(run=run_serve)
+
+
+def run_serve(args) -> int:
+    import uvicorn
+
+    from cfgpar import DiffusionParallelConfig, Omni
+    from cfgpar.cli import CliError
+    from cfgpar.models.embedded import default_model
+    from cfgpar.models.loader import import_pipeline, pipeline_path, resolve_model
+    from cfgpar.server.app import Server, ServerConfig, create_app
+    from cfgpar.server.metrics import Metrics
+    from cfgpar.server.worker import EngineWorker
+
+    _check_args(args, CliError)
+    model = args.model or default_model("edit")
+    folder = resolve_model(model)
+    pipeline = import_pipeline(pipeline_path(folder))
+    if args.cfg_parallel_size > pipeline.max_branches:
+        raise CliError(f"--cfg-parallel-size {args.cfg_parallel_size} is more than the {pipeline.max_branches} "
+                       f"guidance branches of {pipeline.__name__}.")
+    name = args.served_model_name or (Path(model).name if Path(model).expanduser().is_dir() else str(model))
+    config = ServerConfig(
+        model_name=name, cfg_parallel_size=args.cfg_parallel_size,
+        api_key=args.api_key or os.environ.get("CFGPAR_API_KEY") or None,
+        max_n=args.max_n, request_timeout_s=args.request_timeout, max_image_pixels=args.max_image_pixels,
+        max_output_pixels=args.max_output_pixels, max_upload_bytes=int(args.max_upload_mb * 2**20),
+        default_steps=args.default_steps, default_negative_prompt=args.default_negative_prompt,
+    )
+    _setup_logging()
+    sock = _listen(args.host, args.port, CliError)
+    host, port = sock.getsockname()[:2]
+    url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
+
+    def build():
+        return Omni(folder, DiffusionParallelConfig(cfg_parallel_size=args.cfg_parallel_size),
+                    threads_per_rank=args.threads_per_rank, device=args.device, dtype=args.dtype, progress_bar=False)
+
+    def on_ready(info: dict) -> None:
+        logger.info("cfgpar serve: ready on %s | model %s (%s), cfg-parallel-size %d, rank pids %s",
+                    url, name, info.get("task"), args.cfg_parallel_size, worker.rank_pids)
+
+    fatal: list[str] = []
+
+    def on_fatal(reason: str) -> None:
+        fatal.append(reason)
+        server.should_exit = True
+
+    metrics = Metrics()
+    worker = EngineWorker(build, queue_size=args.queue_size, metrics=metrics, restart_attempts=args.restart_attempts,
+                          on_ready=on_ready, on_fatal=on_fatal)
+    app = create_app(config, worker, metrics)
+    server = Server(uvicorn.Config(
+        app, lifespan="on", log_level="info" if args.verbose else "warning", access_log=not args.no_access_log,
+        timeout_graceful_shutdown=args.shutdown_timeout + 15,  # a backstop: the worker answers by then
+    ), worker, grace_s=args.shutdown_timeout)
+    if not args.no_access_log:  # uvicorn's own start-up chatter stays at "warning" unless --verbose
+        logging.getLogger("uvicorn.access").setLevel(logging.INFO)
+    logger.info("cfgpar serve: listening on %s; starting %d rank(s) of %s", url, args.cfg_parallel_size, folder)
+    stop = _StopOnSignal()
+    try:
+        server.run(sockets=[sock])
+    except _Stopped:
+        pass
+    finally:
+        worker.close(0.0)  # idempotent; covers a second Ctrl-C, which skips uvicorn's lifespan shutdown
+        stop.restore()
+        sock.close()
+    if fatal:
+        logger.error("cfgpar serve: exiting: %s", fatal[0])
+        return 1
+    logger.info("cfgpar serve: stopped")
+    return 0
+
+
+def _setup_logging() -> None:
+    """Timestamped lines for the server's and the engine's messages (`cfgpar` sets a bare format)."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    base = logging.getLogger("cfgpar")
+    base.addHandler(handler)
+    base.propagate = False
+    logger.setLevel(logging.INFO)
+
+
+def _check_args(args, error) -> None:
+    for flag, value, low in (("--queue-size", args.queue_size, 1), ("--max-image-pixels", args.max_image_pixels, 1),
+                             ("--max-output-pixels", args.max_output_pixels, 1),
+                             ("--default-steps", args.default_steps, 1),
+                             ("--restart-attempts", args.restart_attempts, 1), ("--port", args.port, 0)):
+        if value < low:
+            raise error(f"{flag} must be >= {low}, got {value}.")
+    if not 1 <= args.max_n <= 16:
+        raise error(f"--max-n must be between 1 and 16, got {args.max_n}.")
+    for flag, value in (("--request-timeout", args.request_timeout), ("--max-upload-mb", args.max_upload_mb)):
+        if not value > 0:
+            raise error(f"{flag} must be > 0, got {value}.")
+    if args.shutdown_timeout < 0:
+        raise error(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}.")
+
+
+def _listen(host: str, port: int, error) -> socket.socket:
+    """Bind here rather than in uvicorn: with --port 0 the log can then name the real port."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError as exc:
+        raise error(f"cannot listen on {host}:{port}: {exc.strerror or exc}.") from None
+    return sock
+
+
+class _Stopped(BaseException):
+    """SIGINT/SIGTERM, once uvicorn has shut down (it re-raises the signal it caught)."""
+
+
+class _StopOnSignal:
+    """SIGINT and SIGTERM end `run_serve` with status 0 rather than 130 / death by signal. The
+    first one raises _Stopped; later ones are ignored so that they cannot cut the clean-up short.
+    While uvicorn runs, its own handlers are in place instead of these."""
+
+    def __init__(self):
+        self._raised = False
+        self._old = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def _handle(self, signum, frame):
+        if not self._raised:
+            self._raised = True
+            raise _Stopped
+
+    def restore(self) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
