@@ -9,8 +9,10 @@ which then refuses new work with the first failure's message.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
+import sys
 import multiprocessing as mp
 import threading
 from dataclasses import dataclass
@@ -26,6 +28,24 @@ from cfgpar.engine.worker import WorkerSpec, worker_main
 from cfgpar.pipelines.base import RequestError
 
 logger = logging.getLogger("cfgpar")
+
+
+@contextlib.contextmanager
+def _main_module_hidden():
+    """Spawned ranks need nothing from the caller's script, and must not re-run it: the guide's
+    Quick Start, saved as a file, builds an Omni at top level with no `if __name__ == "__main__"`.
+    multiprocessing re-imports the main module in each child when it has a __spec__ or __file__;
+    hide both while the ranks start."""
+    main = sys.modules["__main__"]
+    saved = {name: main.__dict__[name] for name in ("__spec__", "__file__") if name in main.__dict__}
+    main.__dict__.pop("__file__", None)
+    main.__spec__ = None
+    try:
+        yield
+    finally:
+        main.__dict__.update(saved)
+        if "__spec__" not in saved:
+            del main.__spec__
 
 
 class EngineError(RuntimeError):
@@ -90,6 +110,16 @@ class Engine:
             raise EngineError("the engine is already started.")
         rendezvous = self._serve_rendezvous()
         ctx = mp.get_context("spawn")
+        with _main_module_hidden():
+            self._spawn(ctx, rendezvous)
+        try:
+            replies = self._collect("starting", timeout=self.config.start_timeout_s)
+        except EngineError:
+            self.close()
+            raise
+        self.model_info = {k: v for k, v in replies[0][1].items() if k != "pid"}
+
+    def _spawn(self, ctx, rendezvous: RendezvousInfo) -> None:
         for rank in range(self.world_size):
             parent, child = ctx.Pipe()
             spec = WorkerSpec(
@@ -103,12 +133,6 @@ class Engine:
             child.close()
             self._procs.append(proc)
             self._conns.append(parent)
-        try:
-            replies = self._collect("starting", timeout=self.config.start_timeout_s)
-        except EngineError:
-            self.close()
-            raise
-        self.model_info = {k: v for k, v in replies[0][1].items() if k != "pid"}
 
     def _serve_rendezvous(self) -> RendezvousInfo:
         # Port 0: the OS picks a free port, so engines on one machine never collide.
