@@ -1,0 +1,542 @@
+"""Train cfgpar's embedded model: a small Qwen-Image-Edit-architecture model on synthetic shapes.
+
+    python training/train.py            # ~30 min on 2 CPU cores; writes cfgpar/assets/shapes-{edit,t2i}
+
+Stages (all seeded; the same command writes the same weights on the same machine and torch):
+
+1. Text side: a frozen random tiny Qwen2.5-VL text encoder, the tiny Qwen2 tokenizer, the
+   Qwen-Image scheduler and the Qwen2-VL processor config (cfgpar.testing.tiny_models).
+2. VAE: AutoencoderKLQwenImage (8x down-sampling, z_dim 16) trained to reconstruct the shape
+   pictures; latents_mean/std set from the trained latents' statistics.
+3. Conditioning cache, computed by cfgpar's own QwenImageEditPipeline loaded from the
+   in-progress folder: the edit-template prompt embeddings with the input picture (and the
+   two dropped prompts, "low quality, blurry" and "", with the same picture), the condition
+   picture's packed latents, the targets' packed latents; for text-to-image captions and the
+   image-unconditional branch, the text-to-image-template embeddings without image tokens.
+4. Transformer: QwenImageTransformer2DModel trained with the rectified-flow objective of
+   FlowMatchEulerDiscreteScheduler (x_t = (1 - s) x0 + s noise, target noise - x0, timestep s),
+   edits with the condition latents appended as extra tokens, captions without, prompt dropout
+   for true CFG. EMA weights are exported.
+5. Export: cfgpar/assets/shapes-edit (QwenImageEditPipeline, fp16 safetensors) and
+   cfgpar/assets/shapes-t2i (QwenImagePipeline; component folders are relative links into
+   ../shapes-edit).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import math
+import random
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import shapes  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+ASSETS = ROOT / "cfgpar" / "assets"
+WORK = ROOT / ".cache" / "shapes-train"
+NEGATIVES = shapes.NEGATIVE_PROMPTS  # ("low quality, blurry", "")
+COMPONENTS = ("scheduler", "text_encoder", "tokenizer", "transformer", "vae")
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    threads: int = 1  # 2 OpenMP threads on a shared 2-core machine can be 30x slower (spinning)
+    resolution: int = shapes.RESOLUTION
+    # text encoder (frozen, random)
+    text_hidden_size: int = 64
+    text_layers: int = 2
+    # VAE
+    z_dim: int = 16
+    vae_base_dim: int = 16
+    vae_steps: int = 1200
+    vae_batch: int = 16
+    vae_crop: int = 48
+    vae_lr: float = 1.5e-4  # AdamW much above 1e-4 stalls this VAE (its pixel norms make the weights scale-free)
+    vae_pool: int = 3000
+    vae_noise: float = 0.1  # latent noise during training, relative to the latents' std
+    vae_reg: float = 1e-4
+    vae_clip: float = 1.0
+    vae_edge_weight: float = 4.0
+    # conditioning cache
+    edit_sources: int = 3000
+    edits_per_source: int = 4
+    captions: int = 4000
+    # transformer
+    layers: int = 6
+    heads: int = 4
+    head_dim: int = 32
+    zero_cond_t: int = 1
+    adaln_zero: int = 1  # condition-image tokens modulated with timestep 0 (as Qwen-Image-Edit-2511's config)
+    steps: int = 1500
+    batch_edit: int = 24
+    batch_t2i: int = 8
+    lr: float = 5e-4
+    warmup: int = 100
+    ema: float = 0.995
+    sigma_mean: float = 0.5
+    drop_prompt: float = 0.1  # each dropped prompt ("low quality, blurry" and "") this often
+    # evaluation after training (0: skip)
+    eval_n: int = 0
+
+
+# ---- helpers ---------------------------------------------------------------------------------
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def pixels(images) -> torch.Tensor:
+    """PIL images -> [B, 3, H, W] in [-1, 1]."""
+    arr = np.stack([shapes.to_array(im) for im in images]).astype(np.float32)
+    return torch.from_numpy(arr).permute(0, 3, 1, 2) / 127.5 - 1.0
+
+
+@contextlib.contextmanager
+def single_frame_convs():
+    """Run the VAE's causal 3D convolutions on one-frame inputs as the 2D convolutions they
+    amount to: the causal padding puts zeros in front of the single frame, so only the kernel's
+    last temporal slice ever meets data. Same function (to float rounding), several times faster
+    on CPU. Used for VAE training and the latent cache; the exported model is the stock class."""
+    from diffusers.models.autoencoders import autoencoder_kl_qwenimage as vae_module
+
+    cls = vae_module.QwenImageCausalConv3d
+    original = cls.forward
+
+    def forward(self, x, cache_x=None):
+        if x.shape[2] != 1 or cache_x is not None or self.stride[0] != 1:
+            return original(self, x, cache_x)
+        pad = self._padding[:4]
+        return F.conv2d(F.pad(x[:, :, 0], pad), self.weight[:, :, -1], self.bias, self.stride[1:]).unsqueeze(2)
+
+    cls.forward = forward
+    try:
+        yield
+    finally:
+        cls.forward = original
+
+
+def model_index(edit: bool, cfg: Config) -> dict:
+    index = {
+        "_class_name": "QwenImageEditPipeline" if edit else "QwenImagePipeline",
+        "_diffusers_version": "0.42.1",
+        "_cfgpar": {"default_image_size": cfg.resolution, "condition_image_area": cfg.resolution**2},
+        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+        "text_encoder": ["transformers", "Qwen2_5_VLForConditionalGeneration"],
+        "tokenizer": ["transformers", "Qwen2Tokenizer"],
+        "transformer": ["diffusers", "QwenImageTransformer2DModel"],
+        "vae": ["diffusers", "AutoencoderKLQwenImage"],
+    }
+    if edit:
+        index["processor"] = ["transformers", "Qwen2VLProcessor"]
+    return index
+
+
+# ---- 1. text side ----------------------------------------------------------------------------
+
+def build_text_side(folder: Path, cfg: Config, work: Path) -> None:
+    """Tokenizer, processor, scheduler and the frozen random text encoder (fp16 on disk)."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from cfgpar.testing.tiny_models import write_tiny_qwen_image
+
+    staging = work / "staging"
+    shutil.rmtree(staging, ignore_errors=True)
+    write_tiny_qwen_image(
+        staging, edit=True, seed=cfg.seed, num_layers=1, num_attention_heads=1, attention_head_dim=16,
+        text_hidden_size=cfg.text_hidden_size, text_num_layers=cfg.text_layers, z_dim=cfg.z_dim, vae_scale_factor=8,
+    )
+    for name in ("tokenizer", "processor", "scheduler"):
+        shutil.copytree(staging / name, folder / name)
+    encoder = Qwen2_5_VLForConditionalGeneration.from_pretrained(staging / "text_encoder", dtype=torch.float32)
+    encoder.to(torch.float16).save_pretrained(folder / "text_encoder")
+    shutil.rmtree(staging)
+
+
+# ---- 2. VAE ----------------------------------------------------------------------------------
+
+def new_vae(cfg: Config, mean=None, std=None):
+    from diffusers import AutoencoderKLQwenImage
+
+    return AutoencoderKLQwenImage(
+        base_dim=cfg.vae_base_dim, z_dim=cfg.z_dim, num_res_blocks=1, dim_mult=[1, 2, 4, 4],
+        temperal_downsample=[False, True, True],
+        latents_mean=list(mean) if mean is not None else [0.0] * cfg.z_dim,
+        latents_std=list(std) if std is not None else [1.0] * cfg.z_dim,
+    )
+
+
+def edge_weight(x: torch.Tensor, weight: float) -> torch.Tensor:
+    """1 on flat colour, 1 + weight near edges: the edges are what tell a circle from a square."""
+    flat = x[:, :, 0]
+    spread = F.max_pool2d(flat, 3, 1, 1) + F.max_pool2d(-flat, 3, 1, 1)
+    return (1 + weight * (spread.amax(dim=1, keepdim=True) > 0.05).float()).unsqueeze(2)
+
+
+def train_vae(folder: Path, cfg: Config) -> None:
+    rng = random.Random(f"vae-{cfg.seed}")
+    scenes = [shapes.random_scene(rng, "train") for _ in range(cfg.vae_pool)]
+    pool = pixels([s.render(cfg.resolution) for s in scenes])
+    centres = torch.tensor([[round(shapes._CENTRES[s.row] * cfg.resolution),
+                             round(shapes._CENTRES[s.col] * cfg.resolution)] for s in scenes])
+    torch.manual_seed(cfg.seed)
+    vae = new_vae(cfg).train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    crop, side = cfg.vae_crop, cfg.resolution
+    start = time.perf_counter()
+    with single_frame_convs():
+        for step in range(cfg.vae_steps):
+            lr = cfg.vae_lr * min(1.0, (step + 1) / 50) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / cfg.vae_steps)))
+            for group in opt.param_groups:
+                group["lr"] = lr
+            idx = torch.randint(len(pool), (cfg.vae_batch,), generator=gen)
+            # Crops around the shape (most of a picture is flat background).
+            jitter = torch.randint(-crop // 3, crop // 3 + 1, (2, cfg.vae_batch), generator=gen)
+            oy, ox = (centres[idx].T + jitter - crop // 2).clamp(0, side - crop)
+            x = torch.stack([pool[i, :, y:y + crop, x_:x_ + crop] for i, y, x_ in zip(idx, oy, ox)]).unsqueeze(2)
+            # A deterministic autoencoder on the posterior mode (what the pipeline encodes with),
+            # with noise on the latents so that the decoder tolerates imperfect denoised latents.
+            # The loss is on the decoder's output before decode()'s clamp to [-1, 1].
+            z = vae.quant_conv(vae.encoder(x))[:, : cfg.z_dim]
+            scale = z.detach().std(dim=(0, 2, 3, 4), keepdim=True)
+            noisy = z + cfg.vae_noise * scale * torch.randn(z.shape, generator=gen)
+            recon = vae.decoder(vae.post_quant_conv(noisy))
+            err = (recon - x).abs() + (recon - x).pow(2)
+            rec = err.mean()
+            loss = (err * edge_weight(x, cfg.vae_edge_weight)).mean() + cfg.vae_reg * z.pow(2).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            gnorm = torch.nn.utils.clip_grad_norm_(vae.parameters(), cfg.vae_clip)
+            opt.step()
+            if step % 100 == 0 or step == cfg.vae_steps - 1:
+                log(f"vae step {step:5d}/{cfg.vae_steps} rec {rec.item():.4f} |g| {gnorm:.2f} lr {lr:.2e} "
+                    f"({time.perf_counter() - start:.0f}s)")
+        vae.eval()
+        # Per-channel statistics of the latents the pipeline will see (the posterior mode).
+        with torch.no_grad():
+            lat = torch.cat([vae.encode(x.unsqueeze(2)).latent_dist.mode() for x in pool[:512].split(64)])
+            err = torch.cat([(vae.decode(vae.encode(x.unsqueeze(2)).latent_dist.mode()).sample[:, :, 0] - x)
+                             .abs().mean((1, 2, 3)) for x in pool[:256].split(64)])
+    mean = lat.mean(dim=(0, 2, 3, 4)).tolist()
+    std = lat.std(dim=(0, 2, 3, 4)).tolist()
+    log(f"vae full-picture L1 {err.mean().item() * 127.5:.2f}/255 (max {err.max().item() * 127.5:.2f}); "
+        f"latent std {np.round(std, 2).tolist()}")
+    final = new_vae(cfg, mean, std)
+    final.load_state_dict(vae.state_dict())
+    final.to(torch.float16).save_pretrained(folder / "vae")
+
+
+# ---- 3. conditioning cache -------------------------------------------------------------------
+
+def new_transformer(cfg: Config):
+    from diffusers import QwenImageTransformer2DModel
+
+    from cfgpar.testing.tiny_models import default_axes_dims_rope
+
+    return QwenImageTransformer2DModel(
+        patch_size=2, in_channels=4 * cfg.z_dim, out_channels=cfg.z_dim, num_layers=cfg.layers,
+        attention_head_dim=cfg.head_dim, num_attention_heads=cfg.heads, joint_attention_dim=cfg.text_hidden_size,
+        guidance_embeds=False, axes_dims_rope=default_axes_dims_rope(cfg.head_dim), zero_cond_t=bool(cfg.zero_cond_t),
+    )
+
+
+def load_pipeline(folder: Path):
+    from cfgpar.pipelines.qwen_image_edit import QwenImageEditPipeline
+
+    return QwenImageEditPipeline.from_pretrained(folder, device=torch.device("cpu"), dtype=torch.float32)
+
+
+def _request(prompt: str, image, negative: str | None = None):
+    from cfgpar.engine.request import GenerationRequest
+    from cfgpar.inputs.data import OmniDiffusionSamplingParams
+
+    return GenerationRequest(0, prompt, negative, image, OmniDiffusionSamplingParams(), 0)
+
+
+def _pad(embeds: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    lengths = torch.tensor([e.shape[0] for e in embeds])
+    out = torch.zeros(len(embeds), int(lengths.max()), embeds[0].shape[-1])
+    for i, e in enumerate(embeds):
+        out[i, : e.shape[0]] = e
+    return out, lengths
+
+
+def build_cache(folder: Path, cfg: Config) -> dict:
+    """Everything the transformer is trained on, computed by cfgpar's pipeline code."""
+    from cfgpar.guidance import Branch
+    from cfgpar.pipelines.base import Plan
+
+    pipe = load_pipeline(folder)
+    side = cfg.resolution
+
+    def encode_pictures(images) -> torch.Tensor:
+        """Packed, normalised latents as prepare() computes them for the condition picture."""
+        out = []
+        with single_frame_convs(), torch.no_grad():
+            for i in range(0, len(images), 64):
+                chunk = images[i:i + 64]
+                resized = [pipe.image_processor.resize(im, side, side) for im in chunk]
+                px = pipe.image_processor.preprocess(resized, side, side).unsqueeze(2)
+                out.append(pipe._encode_image(px))
+        return torch.cat(out)
+
+    # The conditioning path must be the inference path: check the batched latents against
+    # prepare() (one request, the stock VAE) and take the grids it reports.
+    probe = shapes.random_scene(random.Random(0), "train").render(side)
+    plan = pipe.prepare(_request("make it blue", probe, NEGATIVES[0]), [0])
+    ref = plan.extras["image_latents"][0]
+    got = encode_pictures([probe])[0]
+    assert ref.shape == got.shape, (ref.shape, got.shape)
+    assert torch.allclose(ref, got, atol=1e-4), (ref - got).abs().max()
+    assert plan.extras["img_shapes"] == [[(1, side // 16, side // 16)] * 2], plan.extras["img_shapes"]
+    assert plan.extras["prompt_image"].size == (side, side)
+    grid = plan.extras["img_shapes"][0][0]
+
+    def edit_embeds(prompt: str, image) -> torch.Tensor:
+        p = Plan(latents=torch.zeros(1, 1, 1), timesteps=torch.zeros(1), extras={
+            "prompt_image": pipe.image_processor.resize(image, side, side), "img_shapes": [[grid, grid]],
+            "text_img_shapes": [[grid]]})
+        return pipe.encode(_request(prompt, image), Branch("positive", prompt), p)["embeds"][0]
+
+    def text_embeds(prompt: str) -> torch.Tensor:
+        p = Plan(latents=torch.zeros(1, 1, 1), timesteps=torch.zeros(1), extras={"text_img_shapes": [[grid]]})
+        return pipe.encode(_request(prompt, probe), Branch("unconditional", prompt, use_image=False), p)["embeds"][0]
+
+    # Same embeddings as encode() of the request's own plan.
+    assert torch.equal(edit_embeds("make it blue", probe),
+                       pipe.encode(_request("make it blue", probe), Branch("positive", "make it blue"), plan)["embeds"][0])
+
+    rng = random.Random(f"cache-{cfg.seed}")
+    start = time.perf_counter()
+    sources, edits = [], []
+    for _ in range(cfg.edit_sources):
+        source = shapes.random_scene(rng, "train")
+        sources.append(source)
+        edits.extend((len(sources) - 1, e) for e in shapes.edits_of(source, rng, cfg.edits_per_source, "train"))
+    src_images = [s.render(side) for s in sources]
+    src_lat = encode_pictures(src_images)
+    tgt_lat = encode_pictures([e.target.render(side) for _, e in edits])
+    log(f"cache: {len(sources)} source and {len(edits)} target latents ({time.perf_counter() - start:.0f}s)")
+
+    pos = [edit_embeds(e.instruction, src_images[s]) for s, e in edits]
+    log(f"cache: {len(pos)} instruction embeddings ({time.perf_counter() - start:.0f}s)")
+    neg = [[edit_embeds(n, im) for im in src_images] for n in NEGATIVES]
+    log(f"cache: dropped-prompt embeddings with image ({time.perf_counter() - start:.0f}s)")
+
+    # Captions of pictures already encoded (sources and targets are all training scenes).
+    pictures = [(s, src_lat[i]) for i, s in enumerate(sources)] + [(e.target, tgt_lat[i]) for i, (_, e) in enumerate(edits)]
+    picks = [pictures[rng.randrange(len(pictures))] for _ in range(cfg.captions)]
+    captions = [shapes.caption(scene, rng) for scene, _ in picks]
+    cap_lat = torch.stack([lat for _, lat in picks])
+    cap_emb = [text_embeds(c) for c in captions]
+    uncond = [text_embeds(n) for n in NEGATIVES]
+    log(f"cache: {len(captions)} captions, done ({time.perf_counter() - start:.0f}s)")
+
+    pos_pad, pos_len = _pad(pos)
+    neg_pad = [_pad(n) for n in neg]
+    cap_pad, cap_len = _pad(cap_emb)
+    return dict(
+        grid=grid, src_lat=src_lat, edit_src=torch.tensor([s for s, _ in edits]), tgt_lat=tgt_lat,
+        pos=pos_pad, pos_len=pos_len, neg=[n[0] for n in neg_pad], neg_len=[n[1] for n in neg_pad],
+        cap_lat=cap_lat, cap=cap_pad, cap_len=cap_len, uncond=uncond,
+    )
+
+
+# ---- 4. transformer --------------------------------------------------------------------------
+
+def adaln_zero_(model) -> None:
+    """DiT's adaLN-Zero initialisation: every block starts as the identity (modulation shift,
+    scale and gate zero) and the output projection at zero. Trains much faster from scratch."""
+    for block in model.transformer_blocks:
+        for mod in (block.img_mod[1], block.txt_mod[1]):
+            torch.nn.init.zeros_(mod.weight)
+            torch.nn.init.zeros_(mod.bias)
+    for layer in (model.norm_out.linear, model.proj_out):
+        torch.nn.init.zeros_(layer.weight)
+        torch.nn.init.zeros_(layer.bias)
+
+
+def sample_sigmas(n: int, mu: float, gen: torch.Generator, mean: float) -> torch.Tensor:
+    """Training noise levels: logit-normal around `mean` (90%) or uniform (10%), then the
+    scheduler's exponential resolution shift with the inference mu. A positive mean puts the
+    weight on high noise, where the edit (colour, shape, place) is decided; at low noise the
+    picture is already there."""
+    u = torch.sigmoid(torch.randn(n, generator=gen) + mean)
+    uniform = torch.rand(n, generator=gen)
+    u = torch.where(torch.rand(n, generator=gen) < 0.1, uniform, u)
+    return math.exp(mu) / (math.exp(mu) + (1 / u.clamp(1e-4, 1 - 1e-4) - 1))
+
+
+def _choose_text(base: torch.Tensor, base_len: torch.Tensor, drops: list[tuple[torch.Tensor, torch.Tensor]],
+                 p: float, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: the row's own prompt, or (each with probability p) one of the dropped prompts."""
+    r = torch.rand(base.shape[0], generator=gen)
+    rows = []
+    for i in range(base.shape[0]):
+        k = int(r[i] // p) if r[i] < p * len(drops) else -1
+        emb, length = (base[i], base_len[i]) if k < 0 else (drops[k][0][i], drops[k][1][i])
+        rows.append(emb[:length])
+    padded, lengths = _pad(rows)
+    mask = torch.arange(padded.shape[1])[None] < lengths[:, None]
+    return padded, mask
+
+
+def train_transformer(cache: dict, cfg: Config):
+    from cfgpar.pipelines.qwen_image import calculate_shift
+    from cfgpar.testing.tiny_models import QWEN_IMAGE_SCHEDULER_CONFIG as S
+
+    grid = cache["grid"]
+    tokens = grid[1] * grid[2]
+    mu = calculate_shift(tokens, S["base_image_seq_len"], S["max_image_seq_len"], S["base_shift"], S["max_shift"])
+    torch.manual_seed(cfg.seed)
+    model = new_transformer(cfg).train()
+    if cfg.adaln_zero:
+        adaln_zero_(model)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    log(f"transformer: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, mu {mu:.3f}")
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    n_edit, n_cap = cache["tgt_lat"].shape[0], cache["cap_lat"].shape[0]
+    uncond = [(e.expand(n_cap, -1, -1), torch.full((n_cap,), e.shape[0])) for e in cache["uncond"]]
+    start, running = time.perf_counter(), []
+
+    def flow_loss(x0, cond_tokens, embeds, mask, shapes_):
+        noise = torch.randn(x0.shape, generator=gen)
+        sigma = sample_sigmas(x0.shape[0], mu, gen, cfg.sigma_mean)
+        xt = (1 - sigma[:, None, None]) * x0 + sigma[:, None, None] * noise
+        hidden = xt if cond_tokens is None else torch.cat([xt, cond_tokens], dim=1)
+        pred = model(hidden_states=hidden, timestep=sigma, encoder_hidden_states=embeds,
+                     encoder_hidden_states_mask=mask, img_shapes=shapes_, return_dict=False)[0][:, :tokens]
+        return F.mse_loss(pred, noise - x0)
+
+    for step in range(cfg.steps):
+        lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / cfg.steps)))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        # Edits: condition latents appended as tokens, edit-template embeddings (with the image).
+        idx = torch.randint(n_edit, (cfg.batch_edit,), generator=gen)
+        src = cache["edit_src"][idx]
+        drops = [(cache["neg"][k][src], cache["neg_len"][k][src]) for k in range(len(NEGATIVES))]
+        embeds, mask = _choose_text(cache["pos"][idx], cache["pos_len"][idx], drops, cfg.drop_prompt, gen)
+        loss_edit = flow_loss(cache["tgt_lat"][idx], cache["src_lat"][src], embeds, mask,
+                              [[grid, grid]] * cfg.batch_edit)
+        # Text-to-image captions and the image-unconditional branch: text template, no image tokens.
+        idx = torch.randint(n_cap, (cfg.batch_t2i,), generator=gen)
+        drops = [(e[idx], n[idx]) for e, n in uncond]
+        embeds, mask = _choose_text(cache["cap"][idx], cache["cap_len"][idx], drops, cfg.drop_prompt, gen)
+        loss_t2i = flow_loss(cache["cap_lat"][idx], None, embeds, mask, [[grid]] * cfg.batch_t2i)
+        total = cfg.batch_edit + cfg.batch_t2i
+        loss = (loss_edit * cfg.batch_edit + loss_t2i * cfg.batch_t2i) / total
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        decay = min(cfg.ema, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for pe, pm in zip(ema.parameters(), model.parameters()):
+                pe.lerp_(pm, 1 - decay)
+        running.append((loss_edit.item(), loss_t2i.item()))
+        if step % 100 == 0 or step == cfg.steps - 1:
+            e, t = np.mean(running, axis=0)
+            running = []
+            log(f"transformer step {step:5d}/{cfg.steps} loss edit {e:.4f} t2i {t:.4f} lr {lr:.2e} "
+                f"({time.perf_counter() - start:.0f}s)")
+    return ema
+
+
+# ---- 5. export -------------------------------------------------------------------------------
+
+def export(work_folder: Path, assets: Path, cfg: Config) -> None:
+    edit_dir, t2i_dir = assets / "shapes-edit", assets / "shapes-t2i"
+    for d in (edit_dir, t2i_dir):
+        if d.is_symlink() or d.is_file():
+            d.unlink()
+        elif d.exists():
+            shutil.rmtree(d)
+    shutil.copytree(work_folder, edit_dir)
+    t2i_dir.mkdir(parents=True)
+    for name in COMPONENTS:
+        (t2i_dir / name).symlink_to(Path("..") / "shapes-edit" / name, target_is_directory=True)
+    write_json(t2i_dir / "model_index.json", model_index(False, cfg))
+
+
+def folder_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    for f in fields(Config):
+        parser.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
+    parser.add_argument("--assets", type=Path, default=ASSETS, help="where shapes-edit/ and shapes-t2i/ go")
+    parser.add_argument("--work", type=Path, default=WORK, help="scratch folder")
+    parser.add_argument("--vae-from", type=Path, default=None, help="(development) reuse the vae/ of this model folder")
+    parser.add_argument("--cache-from", type=Path, default=None,
+                        help="(development) reuse a conditioning cache saved by an earlier run (needs the same VAE)")
+    args = parser.parse_args(argv)
+    cfg = Config(**{f.name: getattr(args, f.name) for f in fields(Config)})
+    torch.set_num_threads(cfg.threads)
+    log(f"config {asdict(cfg)}")
+    t0 = time.perf_counter()
+    folder = args.work / "shapes-edit"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+
+    build_text_side(folder, cfg, args.work)
+    log("text side written")
+    if args.vae_from:
+        shutil.copytree(args.vae_from / "vae", folder / "vae")
+    else:
+        train_vae(folder, cfg)
+    t_vae = time.perf_counter() - t0
+    log(f"VAE done ({t_vae:.0f}s)")
+
+    # The in-progress folder, loadable by cfgpar (the transformer is still random here).
+    torch.manual_seed(cfg.seed)
+    new_transformer(cfg).to(torch.float16).save_pretrained(folder / "transformer")
+    write_json(folder / "model_index.json", model_index(True, cfg))
+    if args.cache_from:
+        cache = torch.load(args.cache_from)
+    else:
+        cache = build_cache(folder, cfg)
+        torch.save(cache, args.work / "cache.pt")
+    t_cache = time.perf_counter() - t0 - t_vae
+    log(f"cache done ({t_cache:.0f}s)")
+
+    model = train_transformer(cache, cfg)
+    shutil.rmtree(folder / "transformer")
+    model.to(torch.float16).save_pretrained(folder / "transformer")
+    write_json(folder / "training_config.json", asdict(cfg))
+    export(folder, args.assets, cfg)
+    total = time.perf_counter() - t0
+    log(f"wrote {args.assets / 'shapes-edit'} ({folder_size(args.assets / 'shapes-edit') / 1e6:.1f} MB) and "
+        f"{args.assets / 'shapes-t2i'}; total {total / 60:.1f} min")
+
+    if cfg.eval_n:
+        import evaluate
+
+        report = evaluate.evaluate(args.assets / "shapes-edit", n=cfg.eval_n)
+        print(evaluate.format_report(report, cfg.eval_n), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
