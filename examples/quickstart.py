@@ -15,9 +15,11 @@ ROOT = Path(__file__).resolve().parent.parent
 def tiny_model() -> str:
     from cfgpar.testing.tiny_models import write_tiny_qwen_image
 
-    folder = ROOT / ".cache" / "tiny-qwen-image-edit"
+    folder = ROOT / ".cache" / "tiny-qwen-image-edit-128"
     if not (folder / "model_index.json").exists():
-        write_tiny_qwen_image(folder, edit=True, max_pixels=64 * 28 * 28, vae_scale_factor=8)
+        # The input is resized to ~128x128 (not the real model's ~1024x1024) to keep the demo quick.
+        write_tiny_qwen_image(folder, edit=True, max_pixels=64 * 28 * 28, vae_scale_factor=8,
+                              options={"condition_image_area": 128 * 128})
     return str(folder)
 
 
