@@ -134,19 +134,10 @@ def single_frame_convs():
 
 
 def model_index(edit: bool, cfg: Config) -> dict:
-    index = {
-        "_class_name": "QwenImageEditPipeline" if edit else "QwenImagePipeline",
-        "_diffusers_version": "0.42.1",
-        "_cfgpar": {"default_image_size": cfg.resolution, "condition_image_area": cfg.resolution**2},
-        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
-        "text_encoder": ["transformers", "Qwen2_5_VLForConditionalGeneration"],
-        "tokenizer": ["transformers", "Qwen2Tokenizer"],
-        "transformer": ["diffusers", "QwenImageTransformer2DModel"],
-        "vae": ["diffusers", "AutoencoderKLQwenImage"],
-    }
-    if edit:
-        index["processor"] = ["transformers", "Qwen2VLProcessor"]
-    return index
+    from cfgpar.testing.tiny_models import model_index as hub_layout
+
+    options = {"default_image_size": cfg.resolution, "condition_image_area": cfg.resolution**2}
+    return {**hub_layout(edit), "_cfgpar": options}
 
 
 # ---- 1. text side ----------------------------------------------------------------------------

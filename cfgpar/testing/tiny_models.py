@@ -312,7 +312,7 @@ def _text_encoder_config(tokenizer, *, hidden_size: int, num_layers: int):
     )
 
 
-def _model_index(edit: bool) -> dict:
+def model_index(edit: bool) -> dict:
     """model_index.json of Qwen/Qwen-Image (edit=False) or Qwen/Qwen-Image-Edit (edit=True)."""
     index = {
         "_class_name": "QwenImageEditPipeline" if edit else "QwenImagePipeline",
@@ -417,7 +417,7 @@ def write_tiny_qwen_image(
     tokenizer.save_pretrained(path / "tokenizer")
     if edit:
         write_processor_folder(path / "processor", tokenizer=tokenizer, max_pixels=max_pixels)
-    index = _model_index(edit)
+    index = model_index(edit)
     if options:
         index["_cfgpar"] = dict(options)
     _write_json(path / "model_index.json", index)
