@@ -13,6 +13,7 @@ import contextlib
 import datetime
 import logging
 import sys
+import time
 import multiprocessing as mp
 import threading
 from dataclasses import dataclass
@@ -182,7 +183,7 @@ class Engine:
                 if message is None:
                     continue
                 if message[0] == "crash":
-                    self._fail(f"rank {rank} failed while {what}:\n{message[1]}")
+                    self._fail(self._failure_report({rank: f"rank {rank} failed while {what}:\n{message[1]}"}, what))
                 replies[rank] = message
         return [replies[r] for r in range(self.world_size)]
 
@@ -197,7 +198,28 @@ class Engine:
         if proc.is_alive():
             return None
         proc.join()
-        self._fail(f"rank {rank} died (exit code {proc.exitcode}).")
+        self._fail(self._failure_report({rank: f"rank {rank} died (exit code {proc.exitcode})."}, what="running"))
+
+    def _failure_report(self, reports: dict[int, str], what: str, settle_s: float = 1.0) -> str:
+        """Every rank's part in a failure, deaths first. A rank whose peer died fails inside the
+        collective a moment later (connection reset); collecting for `settle_s` names the peer
+        that died as well as the error that echoed it, whichever the engine saw first."""
+        deadline = time.monotonic() + settle_s
+        while len(reports) < self.world_size and time.monotonic() < deadline:
+            for rank, (conn, proc) in enumerate(zip(self._conns, self._procs)):
+                if rank in reports:
+                    continue
+                try:
+                    message = conn.recv() if conn.poll() else None
+                except (EOFError, OSError):
+                    message = None
+                if message is not None and message[0] == "crash":
+                    reports[rank] = f"rank {rank} failed while {what}:\n{message[1]}"
+                elif not proc.is_alive():
+                    reports[rank] = f"rank {rank} died (exit code {proc.exitcode})."
+            time.sleep(0.05)
+        deaths = [r for r in reports if "died" in reports[r].splitlines()[0]]
+        return "\n".join(reports[r] for r in deaths + [r for r in sorted(reports) if r not in deaths])
 
     def _fail(self, reason: str):
         """Record the first failure, stop every rank, raise EngineError."""
