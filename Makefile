@@ -6,7 +6,7 @@ STAMP := $(VENV)/.cfgpar-installed
 # torch 2.13.0 is a local CPU build on this kind of machine; a looser pin pulls a multi-GB CUDA build.
 TORCH := torch==2.13.0
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench gpu-wheels clean
 
 install: $(STAMP)
 
@@ -25,6 +25,11 @@ test: install
 
 bench: install
 	$(VENV)/bin/cfgpar bench
+
+# What benchmarks/gpu_check.sh needs on a GPU machine that has torch and transformers but no
+# diffusers (pure-Python wheel; carried there in .whl/).
+gpu-wheels:
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: -d .whl diffusers==0.42.1
 
 clean:
 	rm -rf $(VENV) .cache

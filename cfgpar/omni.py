@@ -73,7 +73,7 @@ class Omni:
     @property
     def model_info(self) -> dict:
         """Facts about the loaded model: task ("edit" or "text-to-image"), max_branches,
-        size_unit (output sides are multiples of it), default_size, device."""
+        size_unit (output sides are multiples of it), default_size, device (of rank 0), dtype."""
         return dict(self.engine.model_info)
 
     def generate(

@@ -46,7 +46,8 @@ def worker_main(spec: WorkerSpec, conn: Connection) -> None:
     except BaseException:
         _send(conn, ("crash", traceback.format_exc()))
         return
-    _send(conn, ("ready", {"pid": os.getpid(), "device": str(state[1].device), **state[0].describe()}))
+    facts = {"pid": os.getpid(), "device": str(state[1].device), "dtype": spec.dtype}
+    _send(conn, ("ready", {**facts, **state[0].describe()}))
     try:
         _serve(spec, conn, *state)
     finally:
