@@ -62,7 +62,7 @@ def classify(image: Image.Image) -> dict:
     result.update(
         shape=shape,
         colour=_nearest(np.median(colour_pixels, axis=0), shapes.COLOURS),
-        size="small" if nominal < 0.30 else "large",
+        size="small" if nominal < 0.325 else "large",
         col=int(np.argmin(np.abs(centres - (xs.min() + xs.max() + 1) / 2))),
         row=int(np.argmin(np.abs(centres - (ys.min() + ys.max() + 1) / 2))),
     )
@@ -148,7 +148,7 @@ def evaluate(
                           "multi_modal_data": {"image": edit.source.render()}}
                 (out,) = omni.generate(prompt, params)
                 image = out.images[0]
-                results.append(dict(edit=edit, **judge(image, edit.target)))
+                results.append(dict(edit=edit, image=image, **judge(image, edit.target)))
                 if save_dir is not None:
                     _save_pair(Path(save_dir) / f"cfg{scale:g}", i, edit, image)
             elapsed = time.perf_counter() - start
@@ -215,6 +215,27 @@ def _save_pair(folder: Path, i: int, edit: shapes.Edit, image: Image.Image) -> N
     sheet.save(folder / f"{i:03d}_{slug}.png")
 
 
+def contact_sheet(results: list[dict], path: str | Path, columns: int = 5, zoom: int = 2) -> None:
+    """A picture of edits: per edit, its instruction over source -> output (a red frame marks a
+    wrong output)."""
+    from PIL import ImageDraw
+
+    side = shapes.RESOLUTION * zoom
+    cell_w, cell_h = 2 * side + 12, side + 22
+    rows = -(-len(results) // columns)
+    sheet = Image.new("RGB", (columns * cell_w, rows * cell_h), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    for i, r in enumerate(results):
+        x, y = (i % columns) * cell_w, (i // columns) * cell_h
+        draw.text((x + 4, y + 4), r["edit"].instruction, fill=(0, 0, 0))
+        sheet.paste(r["edit"].source.render().resize((side, side), Image.Resampling.NEAREST), (x + 2, y + 20))
+        sheet.paste(r["image"].resize((side, side), Image.Resampling.NEAREST), (x + side + 8, y + 20))
+        if not r["correct"]:
+            draw.rectangle([x + side + 7, y + 19, x + 2 * side + 8, y + 20 + side], outline=(230, 0, 0), width=2)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(path)
+
+
 def format_report(report: dict, n: int) -> str:
     kinds = list(shapes.KINDS)
     lines = [f"held-out edits: n={n}", f"{'true_cfg_scale':>14} | {'all':>5} | " + " | ".join(f"{k:>10}" for k in kinds)
@@ -237,6 +258,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cfg-scales", default="4,1", help="comma-separated true_cfg_scale values (default 4,1)")
     parser.add_argument("--save", default=None, help="folder for source | output | target sheets")
+    parser.add_argument("--sheet", default=None, help="PNG: the first 15 edits at the first scale, source -> output")
     parser.add_argument("--check-classifier", action="store_true", help="only report the classifier on ground truth")
     parser.add_argument("--t2i", type=int, default=0, metavar="N",
                         help="also text-to-image on N captions of held-out scenes (model: the edit folder's shapes-t2i sibling)")
@@ -249,6 +271,8 @@ def main(argv=None) -> int:
     report = evaluate(args.model, n=args.n, cfg_scales=scales, cfg_parallel_size=args.cfg_parallel_size,
                       steps=args.steps, seed=args.seed, save_dir=args.save)
     print(format_report(report, args.n))
+    if args.sheet:
+        contact_sheet(next(iter(report.values()))["results"][:15], args.sheet)
     if args.t2i:
         t2i = evaluate_t2i(Path(args.model).parent / "shapes-t2i", n=args.t2i, cfg_scales=scales,
                            cfg_parallel_size=args.cfg_parallel_size, steps=args.steps, seed=args.seed)

@@ -1,12 +1,12 @@
 """Train cfgpar's embedded model: a small Qwen-Image-Edit-architecture model on synthetic shapes.
 
-    python training/train.py            # ~30 min on 2 CPU cores; writes cfgpar/assets/shapes-{edit,t2i}
+    python training/train.py            # ~80 min on one core of this machine; writes cfgpar/assets/shapes-{edit,t2i}
 
 Stages (all seeded; the same command writes the same weights on the same machine and torch):
 
 1. Text side: a frozen random tiny Qwen2.5-VL text encoder, the tiny Qwen2 tokenizer, the
    Qwen-Image scheduler and the Qwen2-VL processor config (cfgpar.testing.tiny_models).
-2. VAE: AutoencoderKLQwenImage (8x down-sampling, z_dim 16) trained to reconstruct the shape
+2. VAE: AutoencoderKLQwenImage (4x down-sampling, z_dim 16) trained to reconstruct the shape
    pictures; latents_mean/std set from the trained latents' statistics.
 3. Conditioning cache, computed by cfgpar's own QwenImageEditPipeline loaded from the
    in-progress folder: the edit-template prompt embeddings with the input picture (and the
@@ -16,7 +16,8 @@ Stages (all seeded; the same command writes the same weights on the same machine
 4. Transformer: QwenImageTransformer2DModel trained with the rectified-flow objective of
    FlowMatchEulerDiscreteScheduler (x_t = (1 - s) x0 + s noise, target noise - x0, timestep s),
    edits with the condition latents appended as extra tokens, captions without, prompt dropout
-   for true CFG. EMA weights are exported.
+   for true CFG. Phase 1 (from scratch, noise levels weighted high: colour, form, place) and
+   phase 2 (from phase 1's EMA, noise levels centred: edges). EMA weights are exported.
 5. Export: cfgpar/assets/shapes-edit (QwenImageEditPipeline, fp16 safetensors) and
    cfgpar/assets/shapes-t2i (QwenImagePipeline; component folders are relative links into
    ../shapes-edit).
@@ -60,16 +61,16 @@ class Config:
     text_layers: int = 2
     # VAE
     z_dim: int = 16
+    vae_down: int = 4  # spatial down-sampling, 4 or 8 (a 64 px picture: 16x16 latents, 8x8 tokens at 4)
     vae_base_dim: int = 16
-    vae_steps: int = 1200
+    vae_steps: int = 2500
     vae_batch: int = 16
     vae_crop: int = 48
-    vae_lr: float = 1.5e-4  # AdamW much above 1e-4 stalls this VAE (its pixel norms make the weights scale-free)
+    vae_lr: float = 3e-4
     vae_pool: int = 3000
     vae_noise: float = 0.1  # latent noise during training, relative to the latents' std
     vae_reg: float = 1e-4
     vae_clip: float = 1.0
-    vae_edge_weight: float = 4.0
     # conditioning cache
     edit_sources: int = 3000
     edits_per_source: int = 4
@@ -80,14 +81,20 @@ class Config:
     head_dim: int = 32
     zero_cond_t: int = 1
     adaln_zero: int = 1  # condition-image tokens modulated with timestep 0 (as Qwen-Image-Edit-2511's config)
-    steps: int = 1500
+    steps: int = 3000
     batch_edit: int = 24
     batch_t2i: int = 8
-    lr: float = 5e-4
+    lr: float = 1e-3
     warmup: int = 100
     ema: float = 0.995
     sigma_mean: float = 0.5
+    object_weight: float = 4.0
     drop_prompt: float = 0.1  # each dropped prompt ("low quality, blurry" and "") this often
+    # second phase, from the first phase's (fp16-rounded) EMA weights, with the noise levels moved
+    # down: the first phase decides colour, form and place (high noise), this one sharpens edges
+    finetune_steps: int = 1200
+    finetune_lr: float = 4e-4
+    finetune_sigma_mean: float = 0.0
     # evaluation after training (0: skip)
     eval_n: int = 0
 
@@ -152,7 +159,7 @@ def build_text_side(folder: Path, cfg: Config, work: Path) -> None:
     shutil.rmtree(staging, ignore_errors=True)
     write_tiny_qwen_image(
         staging, edit=True, seed=cfg.seed, num_layers=1, num_attention_heads=1, attention_head_dim=16,
-        text_hidden_size=cfg.text_hidden_size, text_num_layers=cfg.text_layers, z_dim=cfg.z_dim, vae_scale_factor=8,
+        text_hidden_size=cfg.text_hidden_size, text_num_layers=cfg.text_layers, z_dim=cfg.z_dim, vae_scale_factor=cfg.vae_down,
     )
     for name in ("tokenizer", "processor", "scheduler"):
         shutil.copytree(staging / name, folder / name)
@@ -166,19 +173,13 @@ def build_text_side(folder: Path, cfg: Config, work: Path) -> None:
 def new_vae(cfg: Config, mean=None, std=None):
     from diffusers import AutoencoderKLQwenImage
 
+    stages = {4: 2, 8: 3}[cfg.vae_down]
     return AutoencoderKLQwenImage(
-        base_dim=cfg.vae_base_dim, z_dim=cfg.z_dim, num_res_blocks=1, dim_mult=[1, 2, 4, 4],
-        temperal_downsample=[False, True, True],
+        base_dim=cfg.vae_base_dim, z_dim=cfg.z_dim, num_res_blocks=1, dim_mult=[1, 2, 4, 4][: stages + 1],
+        temperal_downsample=[False, True, True][:stages],
         latents_mean=list(mean) if mean is not None else [0.0] * cfg.z_dim,
         latents_std=list(std) if std is not None else [1.0] * cfg.z_dim,
     )
-
-
-def edge_weight(x: torch.Tensor, weight: float) -> torch.Tensor:
-    """1 on flat colour, 1 + weight near edges: the edges are what tell a circle from a square."""
-    flat = x[:, :, 0]
-    spread = F.max_pool2d(flat, 3, 1, 1) + F.max_pool2d(-flat, 3, 1, 1)
-    return (1 + weight * (spread.amax(dim=1, keepdim=True) > 0.05).float()).unsqueeze(2)
 
 
 def train_vae(folder: Path, cfg: Config) -> None:
@@ -212,7 +213,7 @@ def train_vae(folder: Path, cfg: Config) -> None:
             recon = vae.decoder(vae.post_quant_conv(noisy))
             err = (recon - x).abs() + (recon - x).pow(2)
             rec = err.mean()
-            loss = (err * edge_weight(x, cfg.vae_edge_weight)).mean() + cfg.vae_reg * z.pow(2).mean()
+            loss = rec + cfg.vae_reg * z.pow(2).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             gnorm = torch.nn.utils.clip_grad_norm_(vae.parameters(), cfg.vae_clip)
@@ -270,6 +271,14 @@ def _pad(embeds: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     return out, lengths
 
 
+def object_tokens(scene: shapes.Scene, side: int, unit: int) -> torch.Tensor:
+    """[(side/unit)^2] bool: the latent tokens (unit x unit pixel patches) the shape touches."""
+    rgb = shapes.to_array(scene.render(side)).astype(np.float32)
+    touched = np.abs(rgb - np.array(shapes.BACKGROUNDS[scene.background], np.float32)).max(-1) > 24
+    n = side // unit
+    return torch.from_numpy(touched.reshape(n, unit, n, unit).any(axis=(1, 3)).reshape(-1))
+
+
 def build_cache(folder: Path, cfg: Config) -> dict:
     """Everything the transformer is trained on, computed by cfgpar's pipeline code."""
     from cfgpar.guidance import Branch
@@ -297,7 +306,8 @@ def build_cache(folder: Path, cfg: Config) -> dict:
     got = encode_pictures([probe])[0]
     assert ref.shape == got.shape, (ref.shape, got.shape)
     assert torch.allclose(ref, got, atol=1e-4), (ref - got).abs().max()
-    assert plan.extras["img_shapes"] == [[(1, side // 16, side // 16)] * 2], plan.extras["img_shapes"]
+    unit = 2 * cfg.vae_down  # pixels per side of one token (2x2 latent patch)
+    assert plan.extras["img_shapes"] == [[(1, side // unit, side // unit)] * 2], plan.extras["img_shapes"]
     assert plan.extras["prompt_image"].size == (side, side)
     grid = plan.extras["img_shapes"][0][0]
 
@@ -337,6 +347,9 @@ def build_cache(folder: Path, cfg: Config) -> dict:
     picks = [pictures[rng.randrange(len(pictures))] for _ in range(cfg.captions)]
     captions = [shapes.caption(scene, rng) for scene, _ in picks]
     cap_lat = torch.stack([lat for _, lat in picks])
+    cap_obj = torch.stack([object_tokens(scene, side, unit) for scene, _ in picks])
+    src_obj = torch.stack([object_tokens(scene, side, unit) for scene in sources])
+    tgt_obj = torch.stack([object_tokens(e.target, side, unit) for _, e in edits])
     cap_emb = [text_embeds(c) for c in captions]
     uncond = [text_embeds(n) for n in NEGATIVES]
     log(f"cache: {len(captions)} captions, done ({time.perf_counter() - start:.0f}s)")
@@ -348,6 +361,7 @@ def build_cache(folder: Path, cfg: Config) -> dict:
         grid=grid, src_lat=src_lat, edit_src=torch.tensor([s for s, _ in edits]), tgt_lat=tgt_lat,
         pos=pos_pad, pos_len=pos_len, neg=[n[0] for n in neg_pad], neg_len=[n[1] for n in neg_pad],
         cap_lat=cap_lat, cap=cap_pad, cap_len=cap_len, uncond=uncond,
+        src_obj=src_obj, tgt_obj=tgt_obj, cap_obj=cap_obj,
     )
 
 
@@ -390,7 +404,10 @@ def _choose_text(base: torch.Tensor, base_len: torch.Tensor, drops: list[tuple[t
     return padded, mask
 
 
-def train_transformer(cache: dict, cfg: Config):
+def train_transformer(cache: dict, cfg: Config, init=None, phase: int = 1):
+    """Phase 1 from scratch (adaLN-zero), or phase 2 from `init`'s weights; returns the EMA model."""
+    steps, lr_max, sigma_mean = (cfg.steps, cfg.lr, cfg.sigma_mean) if phase == 1 else (
+        cfg.finetune_steps, cfg.finetune_lr, cfg.finetune_sigma_mean)
     from cfgpar.pipelines.qwen_image import calculate_shift
     from cfgpar.testing.tiny_models import QWEN_IMAGE_SCHEDULER_CONFIG as S
 
@@ -399,27 +416,32 @@ def train_transformer(cache: dict, cfg: Config):
     mu = calculate_shift(tokens, S["base_image_seq_len"], S["max_image_seq_len"], S["base_shift"], S["max_shift"])
     torch.manual_seed(cfg.seed)
     model = new_transformer(cfg).train()
-    if cfg.adaln_zero:
+    if init is not None:
+        model.load_state_dict(init.state_dict())
+    elif cfg.adaln_zero:
         adaln_zero_(model)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     log(f"transformer: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, mu {mu:.3f}")
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
-    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr_max, betas=(0.9, 0.99), weight_decay=0.0)
+    gen = torch.Generator().manual_seed(cfg.seed + phase)
     n_edit, n_cap = cache["tgt_lat"].shape[0], cache["cap_lat"].shape[0]
     uncond = [(e.expand(n_cap, -1, -1), torch.full((n_cap,), e.shape[0])) for e in cache["uncond"]]
     start, running = time.perf_counter(), []
 
-    def flow_loss(x0, cond_tokens, embeds, mask, shapes_):
+    def flow_loss(x0, cond_tokens, embeds, mask, shapes_, objects):
         noise = torch.randn(x0.shape, generator=gen)
-        sigma = sample_sigmas(x0.shape[0], mu, gen, cfg.sigma_mean)
+        sigma = sample_sigmas(x0.shape[0], mu, gen, sigma_mean)
         xt = (1 - sigma[:, None, None]) * x0 + sigma[:, None, None] * noise
         hidden = xt if cond_tokens is None else torch.cat([xt, cond_tokens], dim=1)
         pred = model(hidden_states=hidden, timestep=sigma, encoder_hidden_states=embeds,
                      encoder_hidden_states_mask=mask, img_shapes=shapes_, return_dict=False)[0][:, :tokens]
-        return F.mse_loss(pred, noise - x0)
+        # The shape covers a few of the tokens; weighting them up makes its colour, form and
+        # place (not just the background) drive learning.
+        weight = 1 + cfg.object_weight * objects.float()[..., None]
+        return ((pred - (noise - x0)).pow(2) * weight).mean() / weight.mean()
 
-    for step in range(cfg.steps):
-        lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / cfg.steps)))
+    for step in range(steps):
+        lr = lr_max * min(1.0, (step + 1) / cfg.warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
         for group in opt.param_groups:
             group["lr"] = lr
         # Edits: condition latents appended as tokens, edit-template embeddings (with the image).
@@ -428,12 +450,12 @@ def train_transformer(cache: dict, cfg: Config):
         drops = [(cache["neg"][k][src], cache["neg_len"][k][src]) for k in range(len(NEGATIVES))]
         embeds, mask = _choose_text(cache["pos"][idx], cache["pos_len"][idx], drops, cfg.drop_prompt, gen)
         loss_edit = flow_loss(cache["tgt_lat"][idx], cache["src_lat"][src], embeds, mask,
-                              [[grid, grid]] * cfg.batch_edit)
+                              [[grid, grid]] * cfg.batch_edit, cache["tgt_obj"][idx] | cache["src_obj"][src])
         # Text-to-image captions and the image-unconditional branch: text template, no image tokens.
         idx = torch.randint(n_cap, (cfg.batch_t2i,), generator=gen)
         drops = [(e[idx], n[idx]) for e, n in uncond]
         embeds, mask = _choose_text(cache["cap"][idx], cache["cap_len"][idx], drops, cfg.drop_prompt, gen)
-        loss_t2i = flow_loss(cache["cap_lat"][idx], None, embeds, mask, [[grid]] * cfg.batch_t2i)
+        loss_t2i = flow_loss(cache["cap_lat"][idx], None, embeds, mask, [[grid]] * cfg.batch_t2i, cache["cap_obj"][idx])
         total = cfg.batch_edit + cfg.batch_t2i
         loss = (loss_edit * cfg.batch_edit + loss_t2i * cfg.batch_t2i) / total
         opt.zero_grad(set_to_none=True)
@@ -445,10 +467,10 @@ def train_transformer(cache: dict, cfg: Config):
             for pe, pm in zip(ema.parameters(), model.parameters()):
                 pe.lerp_(pm, 1 - decay)
         running.append((loss_edit.item(), loss_t2i.item()))
-        if step % 100 == 0 or step == cfg.steps - 1:
+        if step % 100 == 0 or step == steps - 1:
             e, t = np.mean(running, axis=0)
             running = []
-            log(f"transformer step {step:5d}/{cfg.steps} loss edit {e:.4f} t2i {t:.4f} lr {lr:.2e} "
+            log(f"transformer phase {phase} step {step:5d}/{steps} loss edit {e:.4f} t2i {t:.4f} lr {lr:.2e} "
                 f"({time.perf_counter() - start:.0f}s)")
     return ema
 
@@ -482,6 +504,8 @@ def main(argv=None) -> int:
     parser.add_argument("--vae-from", type=Path, default=None, help="(development) reuse the vae/ of this model folder")
     parser.add_argument("--cache-from", type=Path, default=None,
                         help="(development) reuse a conditioning cache saved by an earlier run (needs the same VAE)")
+    parser.add_argument("--phase1-from", type=Path, default=None,
+                        help="(development) skip phase 1: start phase 2 from this model folder's transformer")
     args = parser.parse_args(argv)
     cfg = Config(**{f.name: getattr(args, f.name) for f in fields(Config)})
     torch.set_num_threads(cfg.threads)
@@ -512,7 +536,15 @@ def main(argv=None) -> int:
     t_cache = time.perf_counter() - t0 - t_vae
     log(f"cache done ({t_cache:.0f}s)")
 
-    model = train_transformer(cache, cfg)
+    if args.phase1_from:
+        from diffusers import QwenImageTransformer2DModel
+
+        model = QwenImageTransformer2DModel.from_pretrained(args.phase1_from / "transformer").float()
+    else:
+        model = train_transformer(cache, cfg)
+    if cfg.finetune_steps:
+        # Phase 2 starts from the weights as exported (fp16), so --phase1-from gives the same result.
+        model = train_transformer(cache, cfg, init=model.to(torch.float16).float(), phase=2)
     shutil.rmtree(folder / "transformer")
     model.to(torch.float16).save_pretrained(folder / "transformer")
     write_json(folder / "training_config.json", asdict(cfg))

@@ -1,12 +1,13 @@
-# Moves to tests/ once cfgpar/assets holds a trained model (see training/README.md); not collected by `make test` until then.
 """The embedded shapes model (cfgpar/assets, built by training/train.py) really edits, through
 cfgpar with the guidance branches on two ranks; and cfg 1 and 2 give the same picture."""
 
+import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from cfgpar import DiffusionParallelConfig, Omni, OmniDiffusionSamplingParams
 from cfgpar.models.embedded import EDIT_MODEL, TEXT_TO_IMAGE_MODEL
@@ -17,7 +18,11 @@ import shapes  # noqa: E402
 
 NEG = "low quality, blurry"
 SAMPLE = 20  # held-out edits (source pictures never seen in training)
-FLOOR = 0.8  # the full evaluator (n=100) reports the model's actual accuracy; this only catches breakage
+FLOOR = 0.6  # the model scores 70% on the full evaluator (n=100, README); a broken pipeline or model scores ~0%
+# examples/assets/shapes-input.png is this held-out scene (never seen in training), rendered.
+DEMO_SOURCE = shapes.Scene("circle", "purple", "large", 0, 1, "white")
+DEMO_PROMPT = "make the circle blue"
+DEMO_TARGET = shapes.Scene("circle", "blue", "large", 0, 1, "white")
 
 
 def omni(folder, size):
@@ -74,3 +79,34 @@ def test_text_to_image_folder():
     assert out.images[0].size == (shapes.RESOLUTION, shapes.RESOLUTION)
     found = evaluate.classify(out.images[0])
     assert (found["colour"], found["background"]) == ("blue", "black"), found
+
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLE_PICTURE = ROOT / "examples" / "assets" / "shapes-input.png"
+
+
+def run(args, cwd):
+    return subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=600)
+
+
+def test_make_demo_command_edits_the_sample_picture(tmp_path):
+    """What `make demo` runs: `cfgpar edit` with no --model (the embedded one), on two ranks."""
+    out = tmp_path / "edited.png"
+    proc = run(["-m", "cfgpar.cli", "edit", "--image", SAMPLE_PICTURE, "--prompt", DEMO_PROMPT,
+                "--cfg-parallel-size", "2", "--output", out], cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert str(out) in proc.stdout
+    assert evaluate.judge(Image.open(out), DEMO_TARGET)["correct"], evaluate.classify(Image.open(out))
+
+
+def test_guide_example_without_model_flag_on_1_and_2_ranks(tmp_path):
+    """The guide's command as written, model flag left out, from the example's folder (which
+    ships an input.png)."""
+    folder = ROOT / "examples" / "offline_inference" / "image_to_image"
+    outs = []
+    for size in (1, 2):
+        outs.append(tmp_path / f"edited_{size}.png")
+        proc = run(["image_edit.py", "--image", "input.png", "--prompt", "turn this cat to a dog", "--negative-prompt", NEG,
+                    "--cfg-scale", "4.0", "--output", outs[-1], "--cfg-parallel-size", size], cwd=folder)
+        assert proc.returncode == 0, proc.stderr
+    assert np.array_equal(np.asarray(Image.open(outs[0])), np.asarray(Image.open(outs[1])))
