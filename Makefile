@@ -17,8 +17,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[test,bench]"
 	touch $(STAMP)
 
+# The embedded shapes model edits a held-out picture, the two CFG branches on two ranks.
 demo: install
-	$(PY) examples/quickstart.py
+	$(VENV)/bin/cfgpar edit --image examples/assets/shapes-input.png --prompt "make the circle blue" \
+		--negative-prompt "low quality, blurry" --cfg-scale 4 --cfg-parallel-size 2 --output outputs/demo-edit.png
 
 test: install
 	$(PY) -m pytest -q
