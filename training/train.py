@@ -79,8 +79,8 @@ class Config:
     layers: int = 6
     heads: int = 4
     head_dim: int = 32
-    zero_cond_t: int = 1
-    adaln_zero: int = 1  # condition-image tokens modulated with timestep 0 (as Qwen-Image-Edit-2511's config)
+    zero_cond_t: int = 1  # condition-image tokens modulated with timestep 0 (as Qwen-Image-Edit-2511's config)
+    adaln_zero: int = 1  # DiT's adaLN-Zero initialisation (every block starts as the identity)
     steps: int = 3000
     batch_edit: int = 24
     batch_t2i: int = 8
