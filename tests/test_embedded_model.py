@@ -91,6 +91,8 @@ def run(args, cwd):
 
 def test_make_demo_command_edits_the_sample_picture(tmp_path):
     """What `make demo` runs: `cfgpar edit` with no --model (the embedded one), on two ranks."""
+    assert shapes.split_of(DEMO_SOURCE.key) == "test"
+    assert np.array_equal(np.asarray(Image.open(SAMPLE_PICTURE).convert("RGB")), shapes.to_array(DEMO_SOURCE.render()))
     out = tmp_path / "edited.png"
     proc = run(["-m", "cfgpar.cli", "edit", "--image", SAMPLE_PICTURE, "--prompt", DEMO_PROMPT,
                 "--cfg-parallel-size", "2", "--output", out], cwd=ROOT)
