@@ -130,13 +130,12 @@ def evaluate(
 ) -> dict:
     """Run `n` held-out edits at each true_cfg_scale through one Omni; returns
     {scale: {"accuracy", "by_kind", "by_attribute", "seconds_per_edit", "results"}}."""
-    from cfgpar import DiffusionParallelConfig, Omni, OmniDiffusionSamplingParams
+    from cfgpar import OmniDiffusionSamplingParams
 
     edits = shapes.eval_edits(n)
     own = omni is None
     if own:
-        omni = Omni(str(model), DiffusionParallelConfig(cfg_parallel_size=cfg_parallel_size),
-                    threads_per_rank=threads_per_rank, progress_bar=False)
+        omni = _engine(model, cfg_parallel_size, threads_per_rank)
     report = {}
     try:
         for scale in cfg_scales:
@@ -173,20 +172,31 @@ def evaluate_t2i(
     """Text-to-image on captions of held-out scenes (every attribute named); {scale: accuracy}."""
     import random
 
-    from cfgpar import DiffusionParallelConfig, Omni, OmniDiffusionSamplingParams
+    from cfgpar import OmniDiffusionSamplingParams
 
     rng = random.Random(f"eval-t2i-{seed}")
     scenes = [shapes.random_scene(rng, "test") for _ in range(n)]
     report = {}
-    with Omni(str(model), DiffusionParallelConfig(cfg_parallel_size=cfg_parallel_size),
-              threads_per_rank=threads_per_rank, progress_bar=False) as omni:
+    with _engine(model, cfg_parallel_size, threads_per_rank) as omni:
         for scale in cfg_scales:
             params = OmniDiffusionSamplingParams(true_cfg_scale=scale, num_inference_steps=steps, seed=seed)
             results = [judge(omni.generate({"prompt": shapes.caption(s), "negative_prompt": negative_prompt},
                                            params)[0].images[0], s) for s in scenes]
-            report[scale] = dict(accuracy=float(np.mean([r["correct"] for r in results])),
-                                 by_attribute={a: float(np.mean([r[a] for r in results])) for a in ATTRIBUTES})
+            report[scale] = _accuracy(results)
     return report
+
+
+def _engine(model: str | Path, cfg_parallel_size: int, threads_per_rank: int | None):
+    from cfgpar import DiffusionParallelConfig, Omni
+
+    return Omni(str(model), DiffusionParallelConfig(cfg_parallel_size=cfg_parallel_size),
+                threads_per_rank=threads_per_rank, progress_bar=False)
+
+
+def _accuracy(results: list[dict]) -> dict:
+    """All attributes right, and each attribute on its own, over judge() results."""
+    return dict(accuracy=float(np.mean([r["correct"] for r in results])),
+                by_attribute={a: float(np.mean([r[a] for r in results])) for a in ATTRIBUTES})
 
 
 def _summary(results: list[dict], elapsed: float) -> dict:
@@ -195,13 +205,8 @@ def _summary(results: list[dict], elapsed: float) -> dict:
         rows = [r["correct"] for r in results if r["edit"].kind == kind]
         if rows:
             by_kind[kind] = float(np.mean(rows))
-    return dict(
-        accuracy=float(np.mean([r["correct"] for r in results])),
-        by_kind=by_kind,
-        by_attribute={a: float(np.mean([r[a] for r in results])) for a in ATTRIBUTES},
-        seconds_per_edit=elapsed / max(1, len(results)),
-        results=results,
-    )
+    return dict(**_accuracy(results), by_kind=by_kind, seconds_per_edit=elapsed / max(1, len(results)),
+                results=results)
 
 
 def _save_pair(folder: Path, i: int, edit: shapes.Edit, image: Image.Image) -> None:
