@@ -39,6 +39,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -54,7 +56,8 @@ COMPONENTS = ("scheduler", "text_encoder", "tokenizer", "transformer", "vae")
 @dataclass
 class Config:
     seed: int = 0
-    threads: int = 1  # 2 OpenMP threads on a shared 2-core machine can be 30x slower (spinning)
+    ranks: int = 2  # training processes, one core each: data parallel, gradients averaged by gloo all-reduce
+    threads: int = 1  # per rank; 2 OpenMP threads on a shared 2-core machine can be 30x slower (spinning)
     resolution: int = shapes.RESOLUTION
     # text encoder (frozen, random)
     text_hidden_size: int = 64
@@ -81,7 +84,7 @@ class Config:
     head_dim: int = 32
     zero_cond_t: int = 1  # condition-image tokens modulated with timestep 0 (as Qwen-Image-Edit-2511's config)
     adaln_zero: int = 1  # DiT's adaLN-Zero initialisation (every block starts as the identity)
-    steps: int = 3000
+    steps: int = 3200
     batch_edit: int = 24
     batch_t2i: int = 8
     lr: float = 1e-3
@@ -90,9 +93,12 @@ class Config:
     sigma_mean: float = 0.5
     object_weight: float = 4.0
     drop_prompt: float = 0.1  # each dropped prompt ("low quality, blurry" and "") this often
+    # how often each kind of edit is drawn, relative: the edits that draw a shape anew (shape,
+    # move, size) are the hard ones; recolouring is mostly copying
+    kind_weights: str = "colour:1.5,shape:3,move:2.5,background:1,size:2"
     # second phase, from the first phase's (fp16-rounded) EMA weights, with the noise levels moved
     # down: the first phase decides colour, form and place (high noise), this one sharpens edges
-    finetune_steps: int = 1200
+    finetune_steps: int = 1300
     finetune_lr: float = 4e-4
     finetune_sigma_mean: float = 0.0
     # evaluation after training (0: skip)
@@ -102,7 +108,63 @@ class Config:
 # ---- helpers ---------------------------------------------------------------------------------
 
 def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+    if TEAM.lead:
+        print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+@dataclass(frozen=True)
+class Team:
+    """The training processes: data parallel over `size` ranks (one core each), gloo collectives.
+    Every rank holds the same weights and draws its own share of each batch; the gradients are
+    averaged before every optimiser step, so all ranks stay equal. Rank 0 (the lead) writes files."""
+
+    rank: int = 0
+    size: int = 1
+
+    @property
+    def lead(self) -> bool:
+        return self.rank == 0
+
+    def share(self, batch: int) -> int:
+        """This rank's rows of a global batch."""
+        return batch // self.size
+
+    def average_grads(self, params) -> None:
+        """All-reduce the gradients as one flat buffer (one collective per step) and average."""
+        if self.size == 1:
+            return
+        grads = [p.grad for p in params if p.grad is not None]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat /= self.size
+        for g, chunk in zip(grads, flat.split([g.numel() for g in grads])):
+            g.copy_(chunk.view_as(g))
+
+    def same_start(self, model) -> None:
+        """Every rank starts from rank 0's weights."""
+        if self.size > 1:
+            for p in model.parameters():
+                dist.broadcast(p.data, 0)
+
+    def barrier(self) -> None:
+        if self.size > 1:
+            dist.barrier()
+
+    def map(self, fn, items: list) -> list:
+        """[fn(x) for x in items], the items dealt round-robin over the ranks; every rank gets
+        every result, in order."""
+        mine = [fn(x) for x in items[self.rank::self.size]]
+        if self.size == 1:
+            return mine
+        parts = [None] * self.size
+        dist.all_gather_object(parts, mine)
+        out = [None] * len(items)
+        for rank, part in enumerate(parts):
+            out[rank::self.size] = part
+        return out
+
+
+TEAM = Team()  # this process's place; set once by run()
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -190,18 +252,19 @@ def train_vae(folder: Path, cfg: Config) -> None:
                              round(shapes._CENTRES[s.col] * cfg.resolution)] for s in scenes])
     torch.manual_seed(cfg.seed)
     vae = new_vae(cfg).train()
+    TEAM.same_start(vae)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    crop, side = cfg.vae_crop, cfg.resolution
+    gen = torch.Generator().manual_seed(cfg.seed + 1000 * TEAM.rank)
+    crop, side, batch = cfg.vae_crop, cfg.resolution, TEAM.share(cfg.vae_batch)
     start = time.perf_counter()
     with single_frame_convs():
         for step in range(cfg.vae_steps):
             lr = cfg.vae_lr * min(1.0, (step + 1) / 50) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / cfg.vae_steps)))
             for group in opt.param_groups:
                 group["lr"] = lr
-            idx = torch.randint(len(pool), (cfg.vae_batch,), generator=gen)
+            idx = torch.randint(len(pool), (batch,), generator=gen)
             # Crops around the shape (most of a picture is flat background).
-            jitter = torch.randint(-crop // 3, crop // 3 + 1, (2, cfg.vae_batch), generator=gen)
+            jitter = torch.randint(-crop // 3, crop // 3 + 1, (2, batch), generator=gen)
             oy, ox = (centres[idx].T + jitter - crop // 2).clamp(0, side - crop)
             x = torch.stack([pool[i, :, y:y + crop, x_:x_ + crop] for i, y, x_ in zip(idx, oy, ox)]).unsqueeze(2)
             # A deterministic autoencoder on the posterior mode (what the pipeline encodes with),
@@ -216,12 +279,15 @@ def train_vae(folder: Path, cfg: Config) -> None:
             loss = rec + cfg.vae_reg * z.pow(2).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            TEAM.average_grads(vae.parameters())
             gnorm = torch.nn.utils.clip_grad_norm_(vae.parameters(), cfg.vae_clip)
             opt.step()
             if step % 100 == 0 or step == cfg.vae_steps - 1:
                 log(f"vae step {step:5d}/{cfg.vae_steps} rec {rec.item():.4f} |g| {gnorm:.2f} lr {lr:.2e} "
                     f"({time.perf_counter() - start:.0f}s)")
         vae.eval()
+        if not TEAM.lead:
+            return
         # Per-channel statistics of the latents the pipeline will see (the posterior mode).
         with torch.no_grad():
             lat = torch.cat([vae.encode(x.unsqueeze(2)).latent_dist.mode() for x in pool[:512].split(64)])
@@ -287,16 +353,14 @@ def build_cache(folder: Path, cfg: Config) -> dict:
     pipe = load_pipeline(folder)
     side = cfg.resolution
 
-    def encode_pictures(images) -> torch.Tensor:
+    def encode_chunk(images) -> torch.Tensor:
         """Packed, normalised latents as prepare() computes them for the condition picture."""
-        out = []
         with single_frame_convs(), torch.no_grad():
-            for i in range(0, len(images), 64):
-                chunk = images[i:i + 64]
-                resized = [pipe.image_processor.resize(im, side, side) for im in chunk]
-                px = pipe.image_processor.preprocess(resized, side, side).unsqueeze(2)
-                out.append(pipe._encode_image(px))
-        return torch.cat(out)
+            resized = [pipe.image_processor.resize(im, side, side) for im in images]
+            return pipe._encode_image(pipe.image_processor.preprocess(resized, side, side).unsqueeze(2))
+
+    def encode_pictures(images) -> torch.Tensor:
+        return torch.cat(TEAM.map(encode_chunk, [images[i:i + 64] for i in range(0, len(images), 64)]))
 
     # The conditioning path must be the inference path: check the batched latents against
     # prepare() (one request, the stock VAE) and take the grids it reports.
@@ -337,9 +401,9 @@ def build_cache(folder: Path, cfg: Config) -> dict:
     tgt_lat = encode_pictures([e.target.render(side) for _, e in edits])
     log(f"cache: {len(sources)} source and {len(edits)} target latents ({time.perf_counter() - start:.0f}s)")
 
-    pos = [edit_embeds(e.instruction, src_images[s]) for s, e in edits]
+    pos = TEAM.map(lambda edit: edit_embeds(edit[1].instruction, src_images[edit[0]]), edits)
     log(f"cache: {len(pos)} instruction embeddings ({time.perf_counter() - start:.0f}s)")
-    neg = [[edit_embeds(n, im) for im in src_images] for n in NEGATIVES]
+    neg = [TEAM.map(lambda im: edit_embeds(n, im), src_images) for n in NEGATIVES]
     log(f"cache: dropped-prompt embeddings with image ({time.perf_counter() - start:.0f}s)")
 
     # Captions of pictures already encoded (sources and targets are all training scenes).
@@ -350,7 +414,7 @@ def build_cache(folder: Path, cfg: Config) -> dict:
     cap_obj = torch.stack([object_tokens(scene, side, unit) for scene, _ in picks])
     src_obj = torch.stack([object_tokens(scene, side, unit) for scene in sources])
     tgt_obj = torch.stack([object_tokens(e.target, side, unit) for _, e in edits])
-    cap_emb = [text_embeds(c) for c in captions]
+    cap_emb = TEAM.map(text_embeds, captions)
     uncond = [text_embeds(n) for n in NEGATIVES]
     log(f"cache: {len(captions)} captions, done ({time.perf_counter() - start:.0f}s)")
 
@@ -359,6 +423,7 @@ def build_cache(folder: Path, cfg: Config) -> dict:
     cap_pad, cap_len = _pad(cap_emb)
     return dict(
         grid=grid, src_lat=src_lat, edit_src=torch.tensor([s for s, _ in edits]), tgt_lat=tgt_lat,
+        edit_kind=torch.tensor([shapes.KINDS.index(e.kind) for _, e in edits]),
         pos=pos_pad, pos_len=pos_len, neg=[n[0] for n in neg_pad], neg_len=[n[1] for n in neg_pad],
         cap_lat=cap_lat, cap=cap_pad, cap_len=cap_len, uncond=uncond,
         src_obj=src_obj, tgt_obj=tgt_obj, cap_obj=cap_obj,
@@ -404,6 +469,16 @@ def _choose_text(base: torch.Tensor, base_len: torch.Tensor, drops: list[tuple[t
     return padded, mask
 
 
+def kind_odds(kinds: torch.Tensor, weights: str) -> torch.Tensor:
+    """[n_edits] sampling weights: each kind of edit drawn in proportion to its weight in
+    `weights` ("colour:1.5,shape:3,..."), whatever its count in the cache."""
+    table = {k: float(v) for k, v in (item.split(":") for item in weights.split(","))}
+    assert set(table) == set(shapes.KINDS), f"kind_weights must name each of {shapes.KINDS}"
+    per_kind = torch.tensor([table[k] for k in shapes.KINDS])
+    counts = torch.bincount(kinds, minlength=len(shapes.KINDS)).clamp(min=1)
+    return (per_kind / counts)[kinds]
+
+
 def train_transformer(cache: dict, cfg: Config, init=None, phase: int = 1):
     """Phase 1 from scratch (adaLN-zero), or phase 2 from `init`'s weights; returns the EMA model."""
     steps, lr_max, sigma_mean = (cfg.steps, cfg.lr, cfg.sigma_mean) if phase == 1 else (
@@ -420,10 +495,13 @@ def train_transformer(cache: dict, cfg: Config, init=None, phase: int = 1):
         model.load_state_dict(init.state_dict())
     elif cfg.adaln_zero:
         adaln_zero_(model)
+    TEAM.same_start(model)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     log(f"transformer: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, mu {mu:.3f}")
     opt = torch.optim.AdamW(model.parameters(), lr=lr_max, betas=(0.9, 0.99), weight_decay=0.0)
-    gen = torch.Generator().manual_seed(cfg.seed + phase)
+    gen = torch.Generator().manual_seed(cfg.seed + phase + 1000 * TEAM.rank)
+    batch_edit, batch_t2i = TEAM.share(cfg.batch_edit), TEAM.share(cfg.batch_t2i)
+    edit_odds = kind_odds(cache["edit_kind"], cfg.kind_weights)
     n_edit, n_cap = cache["tgt_lat"].shape[0], cache["cap_lat"].shape[0]
     uncond = [(e.expand(n_cap, -1, -1), torch.full((n_cap,), e.shape[0])) for e in cache["uncond"]]
     start, running = time.perf_counter(), []
@@ -445,21 +523,21 @@ def train_transformer(cache: dict, cfg: Config, init=None, phase: int = 1):
         for group in opt.param_groups:
             group["lr"] = lr
         # Edits: condition latents appended as tokens, edit-template embeddings (with the image).
-        idx = torch.randint(n_edit, (cfg.batch_edit,), generator=gen)
+        idx = torch.multinomial(edit_odds, batch_edit, replacement=True, generator=gen)
         src = cache["edit_src"][idx]
         drops = [(cache["neg"][k][src], cache["neg_len"][k][src]) for k in range(len(NEGATIVES))]
         embeds, mask = _choose_text(cache["pos"][idx], cache["pos_len"][idx], drops, cfg.drop_prompt, gen)
         loss_edit = flow_loss(cache["tgt_lat"][idx], cache["src_lat"][src], embeds, mask,
-                              [[grid, grid]] * cfg.batch_edit, cache["tgt_obj"][idx] | cache["src_obj"][src])
+                              [[grid, grid]] * batch_edit, cache["tgt_obj"][idx] | cache["src_obj"][src])
         # Text-to-image captions and the image-unconditional branch: text template, no image tokens.
-        idx = torch.randint(n_cap, (cfg.batch_t2i,), generator=gen)
+        idx = torch.randint(n_cap, (batch_t2i,), generator=gen)
         drops = [(e[idx], n[idx]) for e, n in uncond]
         embeds, mask = _choose_text(cache["cap"][idx], cache["cap_len"][idx], drops, cfg.drop_prompt, gen)
-        loss_t2i = flow_loss(cache["cap_lat"][idx], None, embeds, mask, [[grid]] * cfg.batch_t2i, cache["cap_obj"][idx])
-        total = cfg.batch_edit + cfg.batch_t2i
-        loss = (loss_edit * cfg.batch_edit + loss_t2i * cfg.batch_t2i) / total
+        loss_t2i = flow_loss(cache["cap_lat"][idx], None, embeds, mask, [[grid]] * batch_t2i, cache["cap_obj"][idx])
+        loss = (loss_edit * batch_edit + loss_t2i * batch_t2i) / (batch_edit + batch_t2i)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        TEAM.average_grads(model.parameters())
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         decay = min(cfg.ema, (1 + step) / (10 + step))
@@ -508,31 +586,61 @@ def main(argv=None) -> int:
                         help="(development) skip phase 1: start phase 2 from this model folder's transformer")
     args = parser.parse_args(argv)
     cfg = Config(**{f.name: getattr(args, f.name) for f in fields(Config)})
+    for name in ("vae_batch", "batch_edit", "batch_t2i"):
+        if getattr(cfg, name) % cfg.ranks:
+            parser.error(f"--{name.replace('_', '-')} must be a multiple of --ranks ({cfg.ranks})")
+    if cfg.ranks == 1:
+        return run(0, cfg, args, None)
+    # The ranks meet at a TCPStore served here; each joins the gloo group (cfgpar.distributed).
+    store = dist.TCPStore("127.0.0.1", 0, cfg.ranks + 1, is_master=True, wait_for_workers=False)
+    mp.start_processes(run, args=(cfg, args, store.port), nprocs=cfg.ranks, start_method="spawn")
+    return 0
+
+
+def run(rank: int, cfg: Config, args: argparse.Namespace, port: int | None) -> int:
+    """One training process: every stage, with rank 0 writing the files."""
+    global TEAM
+    from cfgpar.distributed.mesh import RendezvousInfo, join, leave
+
+    TEAM = Team(rank, cfg.ranks)
     torch.set_num_threads(cfg.threads)
+    if port is not None:
+        join(RendezvousInfo("127.0.0.1", port, cfg.ranks), rank, torch.device("cpu"))
+    try:
+        train_all(cfg, args)
+    finally:
+        leave()
+    return 0
+
+
+def train_all(cfg: Config, args: argparse.Namespace) -> None:
     log(f"config {asdict(cfg)}")
     t0 = time.perf_counter()
     folder = args.work / "shapes-edit"
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
-
-    build_text_side(folder, cfg, args.work)
-    log("text side written")
-    if args.vae_from:
-        shutil.copytree(args.vae_from / "vae", folder / "vae")
-    else:
+    if TEAM.lead:
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        build_text_side(folder, cfg, args.work)
+        log("text side written")
+        if args.vae_from:
+            shutil.copytree(args.vae_from / "vae", folder / "vae")
+    if not args.vae_from:
         train_vae(folder, cfg)
     t_vae = time.perf_counter() - t0
     log(f"VAE done ({t_vae:.0f}s)")
 
-    # The in-progress folder, loadable by cfgpar (the transformer is still random here).
-    torch.manual_seed(cfg.seed)
-    new_transformer(cfg).to(torch.float16).save_pretrained(folder / "transformer")
-    write_json(folder / "model_index.json", model_index(True, cfg))
+    if TEAM.lead:
+        # The in-progress folder, loadable by cfgpar (the transformer is still random here).
+        torch.manual_seed(cfg.seed)
+        new_transformer(cfg).to(torch.float16).save_pretrained(folder / "transformer")
+        write_json(folder / "model_index.json", model_index(True, cfg))
+    TEAM.barrier()
     if args.cache_from:
         cache = torch.load(args.cache_from)
     else:
-        cache = build_cache(folder, cfg)
-        torch.save(cache, args.work / "cache.pt")
+        cache = build_cache(folder, cfg)  # every rank computes its share and receives the rest
+        if TEAM.lead:
+            torch.save(cache, args.work / "cache.pt")
     t_cache = time.perf_counter() - t0 - t_vae
     log(f"cache done ({t_cache:.0f}s)")
 
@@ -545,6 +653,8 @@ def main(argv=None) -> int:
     if cfg.finetune_steps:
         # Phase 2 starts from the weights as exported (fp16), so --phase1-from gives the same result.
         model = train_transformer(cache, cfg, init=model.to(torch.float16).float(), phase=2)
+    if not TEAM.lead:
+        return
     shutil.rmtree(folder / "transformer")
     model.to(torch.float16).save_pretrained(folder / "transformer")
     write_json(folder / "training_config.json", asdict(cfg))
@@ -558,7 +668,6 @@ def main(argv=None) -> int:
 
         report = evaluate.evaluate(args.assets / "shapes-edit", n=cfg.eval_n)
         print(evaluate.format_report(report, cfg.eval_n), flush=True)
-    return 0
 
 
 if __name__ == "__main__":
