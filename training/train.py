@@ -1,8 +1,11 @@
 """Train cfgpar's embedded model: a small Qwen-Image-Edit-architecture model on synthetic shapes.
 
-    python training/train.py            # ~80 min on one core of this machine; writes cfgpar/assets/shapes-{edit,t2i}
+    python training/train.py            # ~50 min on this 2-core machine; writes cfgpar/assets/shapes-{edit,t2i}
 
-Stages (all seeded; the same command writes the same weights on the same machine and torch):
+Data parallel over `--ranks` processes (2: one per core), joined in a gloo group the way
+cfgpar's engine joins its ranks: each draws its share of every batch and the gradients are
+averaged with one all-reduce per step. Stages (all seeded; the same command writes the same
+weights on the same machine, torch and rank count):
 
 1. Text side: a frozen random tiny Qwen2.5-VL text encoder, the tiny Qwen2 tokenizer, the
    Qwen-Image scheduler and the Qwen2-VL processor config (cfgpar.testing.tiny_models).
@@ -16,8 +19,10 @@ Stages (all seeded; the same command writes the same weights on the same machine
 4. Transformer: QwenImageTransformer2DModel trained with the rectified-flow objective of
    FlowMatchEulerDiscreteScheduler (x_t = (1 - s) x0 + s noise, target noise - x0, timestep s),
    edits with the condition latents appended as extra tokens, captions without, prompt dropout
-   for true CFG. Phase 1 (from scratch, noise levels weighted high: colour, form, place) and
-   phase 2 (from phase 1's EMA, noise levels centred: edges). EMA weights are exported.
+   for true CFG, the edits that draw a shape anew (shape, move, size) drawn more often than
+   the ones that mostly copy (colour, background). Phase 1 (from scratch, noise levels
+   weighted high: colour, form, place) and phase 2 (from phase 1's EMA, noise levels centred:
+   edges). EMA weights are exported.
 5. Export: cfgpar/assets/shapes-edit (QwenImageEditPipeline, fp16 safetensors) and
    cfgpar/assets/shapes-t2i (QwenImagePipeline; component folders are relative links into
    ../shapes-edit).
@@ -45,6 +50,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import shapes  # noqa: E402
+from team import Team  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 ASSETS = ROOT / "cfgpar" / "assets"
@@ -112,59 +118,7 @@ def log(msg: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-@dataclass(frozen=True)
-class Team:
-    """The training processes: data parallel over `size` ranks (one core each), gloo collectives.
-    Every rank holds the same weights and draws its own share of each batch; the gradients are
-    averaged before every optimiser step, so all ranks stay equal. Rank 0 (the lead) writes files."""
-
-    rank: int = 0
-    size: int = 1
-
-    @property
-    def lead(self) -> bool:
-        return self.rank == 0
-
-    def share(self, batch: int) -> int:
-        """This rank's rows of a global batch."""
-        return batch // self.size
-
-    def average_grads(self, params) -> None:
-        """All-reduce the gradients as one flat buffer (one collective per step) and average."""
-        if self.size == 1:
-            return
-        grads = [p.grad for p in params if p.grad is not None]
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat)
-        flat /= self.size
-        for g, chunk in zip(grads, flat.split([g.numel() for g in grads])):
-            g.copy_(chunk.view_as(g))
-
-    def same_start(self, model) -> None:
-        """Every rank starts from rank 0's weights."""
-        if self.size > 1:
-            for p in model.parameters():
-                dist.broadcast(p.data, 0)
-
-    def barrier(self) -> None:
-        if self.size > 1:
-            dist.barrier()
-
-    def map(self, fn, items: list) -> list:
-        """[fn(x) for x in items], the items dealt round-robin over the ranks; every rank gets
-        every result, in order."""
-        mine = [fn(x) for x in items[self.rank::self.size]]
-        if self.size == 1:
-            return mine
-        parts = [None] * self.size
-        dist.all_gather_object(parts, mine)
-        out = [None] * len(items)
-        for rank, part in enumerate(parts):
-            out[rank::self.size] = part
-        return out
-
-
-TEAM = Team()  # this process's place; set once by run()
+TEAM = Team()  # this process's place in the training team; set once by run()
 
 
 def write_json(path: Path, data: dict) -> None:
