@@ -37,6 +37,7 @@ import json
 import math
 import random
 import shutil
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
@@ -547,7 +548,16 @@ def main(argv=None) -> int:
         return run(0, cfg, args, None)
     # The ranks meet at a TCPStore served here; each joins the gloo group (cfgpar.distributed).
     store = dist.TCPStore("127.0.0.1", 0, cfg.ranks + 1, is_master=True, wait_for_workers=False)
-    mp.start_processes(run, args=(cfg, args, store.port), nprocs=cfg.ranks, start_method="spawn")
+    ranks = mp.start_processes(run, args=(cfg, args, store.port), nprocs=cfg.ranks, start_method="spawn", join=False)
+    # A rank that fails stops the others (join raises); so does a SIGTERM of this process.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        while not ranks.join():
+            pass
+    finally:
+        for proc in ranks.processes:
+            if proc.is_alive():
+                proc.terminate()
     return 0
 
 
