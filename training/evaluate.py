@@ -127,12 +127,15 @@ def evaluate(
     negative_prompt: str = NEGATIVE,
     save_dir: str | Path | None = None,
     omni=None,
+    split: str = "test",
 ) -> dict:
-    """Run `n` held-out edits at each true_cfg_scale through one Omni; returns
-    {scale: {"accuracy", "by_kind", "by_attribute", "seconds_per_edit", "results"}}."""
+    """Run `n` edits at each true_cfg_scale through one Omni; returns
+    {scale: {"accuracy", "by_kind", "by_attribute", "seconds_per_edit", "results"}}. The edits
+    start from held-out scenes (split "test"), or from training scenes (split "train": how well
+    the model fits what it was trained on, against how well it generalises)."""
     from cfgpar import OmniDiffusionSamplingParams
 
-    edits = shapes.eval_edits(n)
+    edits = shapes.eval_edits(n, split=split)
     own = omni is None
     if own:
         omni = _engine(model, cfg_parallel_size, threads_per_rank)
@@ -241,9 +244,9 @@ def contact_sheet(results: list[dict], path: str | Path, columns: int = 5, zoom:
     sheet.save(path)
 
 
-def format_report(report: dict, n: int) -> str:
+def format_report(report: dict, n: int, split: str = "test") -> str:
     kinds = list(shapes.KINDS)
-    lines = [f"held-out edits: n={n}", f"{'true_cfg_scale':>14} | {'all':>5} | " + " | ".join(f"{k:>10}" for k in kinds)
+    lines = [f"{'held-out' if split == 'test' else 'training-scene'} edits: n={n}", f"{'true_cfg_scale':>14} | {'all':>5} | " + " | ".join(f"{k:>10}" for k in kinds)
              + f" | {'s/edit':>6}"]
     for scale, r in report.items():
         lines.append(f"{scale:>14g} | {r['accuracy']:>5.0%} | "
@@ -262,6 +265,8 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cfg-scales", default="4,1", help="comma-separated true_cfg_scale values (default 4,1)")
+    parser.add_argument("--split", choices=("test", "train"), default="test",
+                        help="edit held-out scenes (default) or training scenes (fit against generalisation)")
     parser.add_argument("--save", default=None, help="folder for source | output | target sheets")
     parser.add_argument("--sheet", default=None, help="PNG: the first 15 edits at the first scale, source -> output")
     parser.add_argument("--check-classifier", action="store_true", help="only report the classifier on ground truth")
@@ -274,8 +279,8 @@ def main(argv=None) -> int:
         return 0
     scales = tuple(float(s) for s in args.cfg_scales.split(","))
     report = evaluate(args.model, n=args.n, cfg_scales=scales, cfg_parallel_size=args.cfg_parallel_size,
-                      steps=args.steps, seed=args.seed, save_dir=args.save)
-    print(format_report(report, args.n))
+                      steps=args.steps, seed=args.seed, save_dir=args.save, split=args.split)
+    print(format_report(report, args.n, args.split))
     if args.sheet:
         contact_sheet(next(iter(report.values()))["results"][:15], args.sheet)
     if args.t2i:

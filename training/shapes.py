@@ -195,15 +195,20 @@ def edit_options(source: Scene) -> list[tuple[str, str, Scene]]:
 KINDS = ("colour", "shape", "move", "background", "size")
 
 
+def options_of_kind(source: Scene, kind: str, split: str) -> list[tuple[str, str, Scene]]:
+    """The edits of one kind of `source`; in the training split only those whose target is a
+    training scene too (training never shows a test scene, not even as a target)."""
+    options = [o for o in edit_options(source) if o[0] == kind]
+    return [o for o in options if split_of(o[2].key) == "train"] if split == "train" else options
+
+
 def sample_edit(rng: random.Random, split: str = "train") -> Edit:
     """A random edit: kind uniform over KINDS, then a random instruction of that kind. In the
     training split neither the source nor the target is a test scene."""
     while True:
         source = random_scene(rng, split)
         kind = rng.choice(KINDS)
-        options = [o for o in edit_options(source) if o[0] == kind]
-        if split == "train":
-            options = [o for o in options if split_of(o[2].key) == "train"]
+        options = options_of_kind(source, kind, split)
         if options:
             kind, instruction, target = rng.choice(options)
             return Edit(source, instruction, target, kind)
@@ -213,9 +218,7 @@ def edits_of(source: Scene, rng: random.Random, k: int, split: str = "train") ->
     """Up to `k` edits of one source, of distinct kinds (k <= 5), targets within `split` for training."""
     edits = []
     for kind in rng.sample(KINDS, k):
-        options = [o for o in edit_options(source) if o[0] == kind]
-        if split == "train":
-            options = [o for o in options if split_of(o[2].key) == "train"]
+        options = options_of_kind(source, kind, split)
         if options:
             _, instruction, target = rng.choice(options)
             edits.append(Edit(source, instruction, target, kind))
@@ -227,15 +230,17 @@ def sample_edits(n: int, split: str = "train", seed: int = 0) -> list[Edit]:
     return [sample_edit(rng, split) for _ in range(n)]
 
 
-def eval_edits(n: int = 100, seed: int = 1234) -> list[Edit]:
-    """Held-out edits: sources are test scenes (never seen in training); kinds cycle evenly."""
-    rng = random.Random(f"eval-{seed}")
+def eval_edits(n: int = 100, seed: int = 1234, split: str = "test") -> list[Edit]:
+    """Evaluation edits, kinds cycling evenly. Split "test": held-out edits, the sources are
+    test scenes (never seen in training). Split "train": source and target are training scenes,
+    as in training (a check of the fit, not of generalisation)."""
+    rng = random.Random(f"eval-{seed}" if split == "test" else f"eval-{split}-{seed}")
     edits = []
     for i in range(n):
         kind = KINDS[i % len(KINDS)]
         while True:
-            source = random_scene(rng, "test")
-            options = [o for o in edit_options(source) if o[0] == kind]
+            source = random_scene(rng, split)
+            options = options_of_kind(source, kind, split)
             if options:
                 break
         _, instruction, target = rng.choice(options)
