@@ -73,7 +73,7 @@ class Config:
     z_dim: int = 16
     vae_down: int = 4  # spatial down-sampling, 4 or 8 (a 64 px picture: 16x16 latents, 8x8 tokens at 4)
     vae_base_dim: int = 16
-    vae_steps: int = 2500
+    vae_steps: int = 1500
     vae_batch: int = 16
     vae_crop: int = 48
     vae_lr: float = 3e-4
@@ -91,7 +91,7 @@ class Config:
     head_dim: int = 32
     zero_cond_t: int = 1  # condition-image tokens modulated with timestep 0 (as Qwen-Image-Edit-2511's config)
     adaln_zero: int = 1  # DiT's adaLN-Zero initialisation (every block starts as the identity)
-    steps: int = 3200
+    steps: int = 3600
     batch_edit: int = 24
     batch_t2i: int = 8
     lr: float = 1e-3
@@ -105,7 +105,7 @@ class Config:
     kind_weights: str = "colour:1.5,shape:3,move:2.5,background:1,size:2"
     # second phase, from the first phase's (fp16-rounded) EMA weights, with the noise levels moved
     # down: the first phase decides colour, form and place (high noise), this one sharpens edges
-    finetune_steps: int = 1300
+    finetune_steps: int = 1400
     finetune_lr: float = 4e-4
     finetune_sigma_mean: float = 0.0
     # evaluation after training (0: skip)
