@@ -541,6 +541,8 @@ def main(argv=None) -> int:
                         help="(development) skip phase 1: start phase 2 from this model folder's transformer")
     args = parser.parse_args(argv)
     cfg = Config(**{f.name: getattr(args, f.name) for f in fields(Config)})
+    if cfg.ranks < 1:
+        parser.error(f"--ranks must be at least 1 (got {cfg.ranks})")
     for name in ("vae_batch", "batch_edit", "batch_t2i"):
         if getattr(cfg, name) % cfg.ranks:
             parser.error(f"--{name.replace('_', '-')} must be a multiple of --ranks ({cfg.ranks})")
