@@ -292,11 +292,12 @@ def _pad(embeds: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     return out, lengths
 
 
-def object_tokens(scene: shapes.Scene, side: int, unit: int) -> torch.Tensor:
-    """[(side/unit)^2] bool: the latent tokens (unit x unit pixel patches) the shape touches."""
-    rgb = shapes.to_array(scene.render(side)).astype(np.float32)
-    touched = np.abs(rgb - np.array(shapes.BACKGROUNDS[scene.background], np.float32)).max(-1) > 24
-    n = side // unit
+def object_tokens(image, background: str, unit: int) -> torch.Tensor:
+    """[(side/unit)^2] bool: the latent tokens (unit x unit pixel patches) of a rendered picture
+    that the shape touches."""
+    rgb = shapes.to_array(image).astype(np.float32)
+    touched = np.abs(rgb - np.array(shapes.BACKGROUNDS[background], np.float32)).max(-1) > 24
+    n = rgb.shape[0] // unit
     return torch.from_numpy(touched.reshape(n, unit, n, unit).any(axis=(1, 3)).reshape(-1))
 
 
@@ -353,7 +354,8 @@ def build_cache(folder: Path, cfg: Config) -> dict:
         edits.extend((len(sources) - 1, e) for e in shapes.edits_of(source, rng, cfg.edits_per_source, "train"))
     src_images = [s.render(side) for s in sources]
     src_lat = encode_pictures(src_images)
-    tgt_lat = encode_pictures([e.target.render(side) for _, e in edits])
+    tgt_images = [e.target.render(side) for _, e in edits]
+    tgt_lat = encode_pictures(tgt_images)
     log(f"cache: {len(sources)} source and {len(edits)} target latents ({time.perf_counter() - start:.0f}s)")
 
     pos = TEAM.map(lambda edit: edit_embeds(edit[1].instruction, src_images[edit[0]]), edits)
@@ -361,14 +363,15 @@ def build_cache(folder: Path, cfg: Config) -> dict:
     neg = [TEAM.map(lambda im: edit_embeds(n, im), src_images) for n in NEGATIVES]
     log(f"cache: dropped-prompt embeddings with image ({time.perf_counter() - start:.0f}s)")
 
+    src_obj = torch.stack([object_tokens(im, s.background, unit) for im, s in zip(src_images, sources)])
+    tgt_obj = torch.stack([object_tokens(im, e.target.background, unit) for im, (_, e) in zip(tgt_images, edits)])
     # Captions of pictures already encoded (sources and targets are all training scenes).
-    pictures = [(s, src_lat[i]) for i, s in enumerate(sources)] + [(e.target, tgt_lat[i]) for i, (_, e) in enumerate(edits)]
+    pictures = ([(s, src_lat[i], src_obj[i]) for i, s in enumerate(sources)]
+                + [(e.target, tgt_lat[i], tgt_obj[i]) for i, (_, e) in enumerate(edits)])
     picks = [pictures[rng.randrange(len(pictures))] for _ in range(cfg.captions)]
-    captions = [shapes.caption(scene, rng) for scene, _ in picks]
-    cap_lat = torch.stack([lat for _, lat in picks])
-    cap_obj = torch.stack([object_tokens(scene, side, unit) for scene, _ in picks])
-    src_obj = torch.stack([object_tokens(scene, side, unit) for scene in sources])
-    tgt_obj = torch.stack([object_tokens(e.target, side, unit) for _, e in edits])
+    captions = [shapes.caption(scene, rng) for scene, _, _ in picks]
+    cap_lat = torch.stack([lat for _, lat, _ in picks])
+    cap_obj = torch.stack([obj for _, _, obj in picks])
     cap_emb = TEAM.map(text_embeds, captions)
     uncond = [text_embeds(n) for n in NEGATIVES]
     log(f"cache: {len(captions)} captions, done ({time.perf_counter() - start:.0f}s)")
