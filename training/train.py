@@ -127,6 +127,12 @@ def write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
+def warmup_cosine(peak: float, step: int, steps: int, warmup: int) -> float:
+    """The learning rate at `step`: linear warm-up to `peak` over `warmup` steps, then a cosine
+    down to a tenth of it at `steps`."""
+    return peak * min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+
+
 def pixels(images) -> torch.Tensor:
     """PIL images -> [B, 3, H, W] in [-1, 1]."""
     arr = np.stack([shapes.to_array(im) for im in images]).astype(np.float32)
@@ -214,7 +220,7 @@ def train_vae(folder: Path, cfg: Config) -> None:
     start = time.perf_counter()
     with single_frame_convs():
         for step in range(cfg.vae_steps):
-            lr = cfg.vae_lr * min(1.0, (step + 1) / 50) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / cfg.vae_steps)))
+            lr = warmup_cosine(cfg.vae_lr, step, cfg.vae_steps, warmup=50)
             for group in opt.param_groups:
                 group["lr"] = lr
             idx = torch.randint(len(pool), (batch,), generator=gen)
@@ -477,7 +483,7 @@ def train_transformer(cache: dict, cfg: Config, init=None, phase: int = 1):
         return ((pred - (noise - x0)).pow(2) * weight).mean() / weight.mean()
 
     for step in range(steps):
-        lr = lr_max * min(1.0, (step + 1) / cfg.warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+        lr = warmup_cosine(lr_max, step, steps, cfg.warmup)
         for group in opt.param_groups:
             group["lr"] = lr
         # Edits: condition latents appended as tokens, edit-template embeddings (with the image).
