@@ -54,11 +54,17 @@ def test_trained_folder_loads_and_edits(two_runs):
     assert out.images[0].size == (64, 64)
 
 
-def test_batch_must_split_over_ranks(tmp_path):
+@pytest.mark.parametrize("flags, message", [
+    (["--ranks", "2", "--batch-edit", "25"], "--batch-edit must be a multiple of --ranks (2)"),
+    (["--device", "gpu"], "--device must be cpu or cuda (got 'gpu')"),
+    (["--device", "cuda", "--ranks", "2"], "--device cuda trains on one rank: pass --ranks 1 (got 2)"),
+])
+def test_bad_flags_get_one_line(tmp_path, flags, message):
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "training" / "train.py"), "--ranks", "2", "--batch-edit", "25",
+        [sys.executable, str(ROOT / "training" / "train.py"), *flags,
          "--work", str(tmp_path / "w"), "--assets", str(tmp_path / "a")],
         capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 2
-    assert "--batch-edit must be a multiple of --ranks (2)" in proc.stderr
+    assert message in proc.stderr
+    assert not (tmp_path / "w").exists()

@@ -1,10 +1,11 @@
 """Train cfgpar's embedded model: a small Qwen-Image-Edit-architecture model on synthetic shapes.
 
-    python training/train.py            # ~50 min on this 2-core machine; writes cfgpar/assets/shapes-{edit,t2i}
+    python training/train.py            # ~46 min on this 2-core machine; writes cfgpar/assets/shapes-{edit,t2i}
 
 Data parallel over `--ranks` processes (2: one per core), joined in a gloo group the way
 cfgpar's engine joins its ranks: each draws its share of every batch and the gradients are
-averaged with one all-reduce per step. Stages (all seeded; the same command writes the same
+averaged with one all-reduce per step. (`--device cuda --ranks 1` trains the transformer on a
+GPU instead, for trying recipes; the shipped weights come from the CPU command.) Stages (all seeded; the same command writes the same
 weights on the same machine, torch and rank count):
 
 1. Text side: a frozen random tiny Qwen2.5-VL text encoder, the tiny Qwen2 tokenizer, the
@@ -65,6 +66,7 @@ class Config:
     seed: int = 0
     ranks: int = 2  # training processes, one core each: data parallel, gradients averaged by gloo all-reduce
     threads: int = 1  # per rank; 2 OpenMP threads on a shared 2-core machine can be 30x slower (spinning)
+    device: str = "cpu"  # where the transformer trains: "cpu", or "cuda" (one rank; for experiments, not the shipped weights)
     resolution: int = shapes.RESOLUTION
     # text encoder (frozen, random)
     text_hidden_size: int = 64
@@ -453,6 +455,7 @@ def train_transformer(cache: dict, cfg: Config, init=None, phase: int = 1):
     grid = cache["grid"]
     tokens = grid[1] * grid[2]
     mu = calculate_shift(tokens, S["base_image_seq_len"], S["max_image_seq_len"], S["base_shift"], S["max_shift"])
+    device = torch.device(cfg.device)
     torch.manual_seed(cfg.seed)
     model = new_transformer(cfg).train()
     if init is not None:
@@ -460,7 +463,9 @@ def train_transformer(cache: dict, cfg: Config, init=None, phase: int = 1):
     elif cfg.adaln_zero:
         adaln_zero_(model)
     TEAM.same_start(model)
+    model.to(device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
+    params, ema_params = list(model.parameters()), list(ema.parameters())
     log(f"transformer: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, mu {mu:.3f}")
     opt = torch.optim.AdamW(model.parameters(), lr=lr_max, betas=(0.9, 0.99), weight_decay=0.0)
     gen = torch.Generator().manual_seed(cfg.seed + phase + 1000 * TEAM.rank)
@@ -471,8 +476,12 @@ def train_transformer(cache: dict, cfg: Config, init=None, phase: int = 1):
     start, running = time.perf_counter(), []
 
     def flow_loss(x0, cond_tokens, embeds, mask, shapes_, objects):
+        # The batch is drawn on the CPU (one generator, whatever the device), then moved.
         noise = torch.randn(x0.shape, generator=gen)
         sigma = sample_sigmas(x0.shape[0], mu, gen, sigma_mean)
+        x0, noise, sigma, embeds, mask, objects = (
+            t.to(device) for t in (x0, noise, sigma, embeds, mask, objects))
+        cond_tokens = None if cond_tokens is None else cond_tokens.to(device)
         xt = (1 - sigma[:, None, None]) * x0 + sigma[:, None, None] * noise
         hidden = xt if cond_tokens is None else torch.cat([xt, cond_tokens], dim=1)
         pred = model(hidden_states=hidden, timestep=sigma, encoder_hidden_states=embeds,
@@ -506,15 +515,14 @@ def train_transformer(cache: dict, cfg: Config, init=None, phase: int = 1):
         opt.step()
         decay = min(cfg.ema, (1 + step) / (10 + step))
         with torch.no_grad():
-            for pe, pm in zip(ema.parameters(), model.parameters()):
-                pe.lerp_(pm, 1 - decay)
+            torch._foreach_lerp_(ema_params, params, 1 - decay)
         running.append((loss_edit.item(), loss_t2i.item()))
         if step % 100 == 0 or step == steps - 1:
             e, t = np.mean(running, axis=0)
             running = []
             log(f"transformer phase {phase} step {step:5d}/{steps} loss edit {e:.4f} t2i {t:.4f} lr {lr:.2e} "
                 f"({time.perf_counter() - start:.0f}s)")
-    return ema
+    return ema.cpu()
 
 
 # ---- 5. export -------------------------------------------------------------------------------
@@ -552,6 +560,13 @@ def main(argv=None) -> int:
     cfg = Config(**{f.name: getattr(args, f.name) for f in fields(Config)})
     if cfg.ranks < 1:
         parser.error(f"--ranks must be at least 1 (got {cfg.ranks})")
+    device = cfg.device.split(":")[0]
+    if device not in ("cpu", "cuda"):
+        parser.error(f"--device must be cpu or cuda (got {cfg.device!r})")
+    if device == "cuda" and cfg.ranks != 1:
+        parser.error(f"--device {cfg.device} trains on one rank: pass --ranks 1 (got {cfg.ranks})")
+    if device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is visible to torch here")
     for name in ("vae_batch", "batch_edit", "batch_t2i"):
         if getattr(cfg, name) % cfg.ranks:
             parser.error(f"--{name.replace('_', '-')} must be a multiple of --ranks ({cfg.ranks})")
