@@ -96,7 +96,7 @@ class Config:
     steps: int = 3600
     batch_edit: int = 24
     batch_t2i: int = 8
-    lr: float = 1e-3
+    lr: float = 2e-3
     warmup: int = 100
     ema: float = 0.995
     sigma_mean: float = 0.5
@@ -108,7 +108,7 @@ class Config:
     # second phase, from the first phase's (fp16-rounded) EMA weights, with the noise levels moved
     # down: the first phase decides colour, form and place (high noise), this one sharpens edges
     finetune_steps: int = 1400
-    finetune_lr: float = 4e-4
+    finetune_lr: float = 8e-4
     finetune_sigma_mean: float = 0.0
     # evaluation after training (0: skip)
     eval_n: int = 0
