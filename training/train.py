@@ -5,8 +5,8 @@
 Data parallel over `--ranks` processes (2: one per core), joined in a gloo group the way
 cfgpar's engine joins its ranks: each draws its share of every batch and the gradients are
 averaged with one all-reduce per step. (`--device cuda --ranks 1` trains the transformer on a
-GPU instead, for trying recipes; the shipped weights come from the CPU command.) Stages (all seeded; the same command writes the same
-weights on the same machine, torch and rank count):
+GPU instead, for trying recipes; the shipped weights come from the CPU command.) Stages (all
+seeded; the same command writes the same weights on the same machine, torch and rank count):
 
 1. Text side: a frozen random tiny Qwen2.5-VL text encoder, the tiny Qwen2 tokenizer, the
    Qwen-Image scheduler and the Qwen2-VL processor config (cfgpar.testing.tiny_models).
