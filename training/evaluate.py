@@ -128,11 +128,13 @@ def evaluate(
     save_dir: str | Path | None = None,
     omni=None,
     split: str = "test",
+    image_guidance_scale: float | None = None,
 ) -> dict:
     """Run `n` edits at each true_cfg_scale through one Omni; returns
     {scale: {"accuracy", "by_kind", "by_attribute", "seconds_per_edit", "results"}}. The edits
     start from held-out scenes (split "test"), or from training scenes (split "train": how well
-    the model fits what it was trained on, against how well it generalises)."""
+    the model fits what it was trained on, against how well it generalises). With
+    `image_guidance_scale`, the guided scales run three-branch (text + image) guidance."""
     from cfgpar import OmniDiffusionSamplingParams
 
     edits = shapes.eval_edits(n, split=split)
@@ -142,7 +144,8 @@ def evaluate(
     report = {}
     try:
         for scale in cfg_scales:
-            params = OmniDiffusionSamplingParams(true_cfg_scale=scale, num_inference_steps=steps, seed=seed)
+            params = OmniDiffusionSamplingParams(true_cfg_scale=scale, num_inference_steps=steps, seed=seed,
+                                                 image_guidance_scale=image_guidance_scale)
             results = []
             start = time.perf_counter()
             for i, edit in enumerate(edits):
@@ -265,6 +268,8 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cfg-scales", default="4,1", help="comma-separated true_cfg_scale values (default 4,1)")
+    parser.add_argument("--image-guidance", type=float, default=None, metavar="SCALE",
+                        help="image_guidance_scale: three-branch (text + image) guidance at the scales above 1")
     parser.add_argument("--split", choices=("test", "train"), default="test",
                         help="edit held-out scenes (default) or training scenes (fit against generalisation)")
     parser.add_argument("--save", default=None, help="folder for source | output | target sheets")
@@ -279,7 +284,10 @@ def main(argv=None) -> int:
         return 0
     scales = tuple(float(s) for s in args.cfg_scales.split(","))
     report = evaluate(args.model, n=args.n, cfg_scales=scales, cfg_parallel_size=args.cfg_parallel_size,
-                      steps=args.steps, seed=args.seed, save_dir=args.save, split=args.split)
+                      steps=args.steps, seed=args.seed, save_dir=args.save, split=args.split,
+                      image_guidance_scale=args.image_guidance)
+    if args.image_guidance:
+        print(f"three-branch guidance: image_guidance_scale {args.image_guidance:g} wherever true_cfg_scale > 1")
     print(format_report(report, args.n, args.split))
     if args.sheet:
         contact_sheet(next(iter(report.values()))["results"][:15], args.sheet)
