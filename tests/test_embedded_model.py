@@ -18,7 +18,7 @@ import shapes  # noqa: E402
 
 NEG = "low quality, blurry"
 SAMPLE = 20  # held-out edits (source pictures never seen in training)
-FLOOR = 0.75  # the model scores 80% on these 20 and 77% on the full evaluator (n=100, README); a broken pipeline or model ~0%
+FLOOR = 0.80  # the model scores 85% on these 20 and 89% on the full evaluator (n=100, README); a broken pipeline or model ~0%
 # examples/assets/shapes-input.png is this held-out scene (never seen in training), rendered.
 DEMO_SOURCE = shapes.Scene("circle", "purple", "large", 0, 1, "white")
 DEMO_PROMPT = "make the circle blue"

@@ -1,6 +1,6 @@
 """Train cfgpar's embedded model: a small Qwen-Image-Edit-architecture model on synthetic shapes.
 
-    python training/train.py            # ~46 min on this 2-core machine; writes cfgpar/assets/shapes-{edit,t2i}
+    python training/train.py            # ~47 min on this 2-core machine; writes cfgpar/assets/shapes-{edit,t2i}
 
 Data parallel over `--ranks` processes (2: one per core), joined in a gloo group the way
 cfgpar's engine joins its ranks: each draws its share of every batch and the gradients are
@@ -94,14 +94,14 @@ class Config:
     zero_cond_t: int = 1  # condition-image tokens modulated with timestep 0 (as Qwen-Image-Edit-2511's config)
     adaln_zero: int = 1  # DiT's adaLN-Zero initialisation (every block starts as the identity)
     steps: int = 3600
-    batch_edit: int = 24
-    batch_t2i: int = 8
+    batch_edit: int = 28
+    batch_t2i: int = 4
     lr: float = 2e-3
     warmup: int = 100
     ema: float = 0.995
     sigma_mean: float = 0.5
     object_weight: float = 4.0
-    drop_prompt: float = 0.1  # each dropped prompt ("low quality, blurry" and "") this often
+    drop_prompt: float = 0.05  # each dropped prompt ("low quality, blurry" and "") this often
     # how often each kind of edit is drawn, relative: the edits that draw a shape anew (shape,
     # move, size) are the hard ones; recolouring is mostly copying
     kind_weights: str = "colour:1.5,shape:3,move:2.5,background:1,size:2"
