@@ -30,11 +30,28 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
+def default_threads_per_rank(world_size: int) -> int:
+    """$OMP_NUM_THREADS where it is set (threads per process, as torchrun sets it), else the
+    cores split evenly over the ranks. The default therefore changes with the world size: runs
+    that must give the same picture at different cfg_parallel_size set the threads explicitly."""
+    first = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
+    if first.isdigit() and int(first) > 0:
+        return int(first)
+    return max(1, available_cores() // world_size)
+
+
 class Omni:
     """A diffusion model served by one process per rank.
 
     Constructing an Omni resolves the model, starts the ranks and loads the weights on each;
     `close()` (or leaving a `with` block, or interpreter exit) stops them.
+
+    The promise: the same picture as running the guidance branches one after another, bit for
+    bit, for the same compute per rank: the same `threads_per_rank` on CPU (a GEMM split over
+    a different number of threads can round differently in the last bit), the same GPU model
+    and dtype on GPUs. `threads_per_rank` defaults to $OMP_NUM_THREADS, else the cores split
+    evenly over the ranks, so pass it (or set OMP_NUM_THREADS) to compare cfg_parallel_size 1
+    with 2.
     """
 
     def __init__(
@@ -62,7 +79,7 @@ class Omni:
         self.parallel_config = parallel_config
         self.engine = Engine(EngineConfig(
             model_folder=folder, pipeline=pipeline, parallel=parallel_config,
-            threads_per_rank=threads_per_rank or max(1, available_cores() // world),
+            threads_per_rank=threads_per_rank or default_threads_per_rank(world),
             device=device, dtype=_pick_dtype(dtype, device), progress=progress_bar,
         ))
         self._ids = itertools.count()

@@ -46,3 +46,17 @@ def test_degrees_must_multiply_to_world_size():
     check_degrees({"cfg": 2}, 2)
     with pytest.raises(ValueError, match=r"multiply to 2 \(cfg=2\) but the world size is 4"):
         check_degrees({"cfg": 2}, 4)
+
+
+def test_threads_per_rank_default(monkeypatch):
+    """$OMP_NUM_THREADS where set (as torchrun sets it), else the cores split over the ranks:
+    the default changes with the layout, which is why equality tests pin the threads."""
+    from cfgpar.omni import available_cores, default_threads_per_rank
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert default_threads_per_rank(1) == available_cores()
+    assert default_threads_per_rank(available_cores() * 2) == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert default_threads_per_rank(1) == default_threads_per_rank(2) == 3
+    monkeypatch.setenv("OMP_NUM_THREADS", "not-a-number")  # ignored, as OpenMP ignores it
+    assert default_threads_per_rank(1) == available_cores()
