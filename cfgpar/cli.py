@@ -7,13 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from cfgpar.diffusion.data import MAX_CFG_PARALLEL_SIZE
-
-DEFAULT_NEGATIVE = "low quality, blurry"
-
-
-class CliError(Exception):
-    """A user mistake: printed as one line, exit status 2."""
+from cfgpar.cli_common import DEFAULT_NEGATIVE, CliError, add_layout_args
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, *, size: bool) -> None:
@@ -25,14 +19,12 @@ def _add_sampling_args(p: argparse.ArgumentParser, *, size: bool) -> None:
                    help="edit only: adds a third, image-unconditional branch (text + image guidance)")
     p.add_argument("--num-inference-steps", type=int, default=20, help="denoising steps (default 20)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise (default 0)")
-    p.add_argument("--cfg-parallel-size", type=int, default=2, choices=range(1, MAX_CFG_PARALLEL_SIZE + 1),
-                   help="ranks the guidance branches are spread over (default 2)")
+    add_layout_args(p)
     p.add_argument("--model", default=None, help="hub id or local folder (default: the embedded shapes model)")
     if size:
         p.add_argument("--height", type=int, default=None, help="output height in px (default: the model's)")
         p.add_argument("--width", type=int, default=None, help="output width in px (default: the model's)")
     p.add_argument("--output", "-o", default=None, help="where to write the PNG")
-    p.add_argument("--threads-per-rank", type=int, default=None, help="CPU threads per rank (default: cores / ranks)")
     p.add_argument("--verbose", "-v", action="store_true", help="tracebacks and library logs")
 
 

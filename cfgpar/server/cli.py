@@ -15,25 +15,22 @@ import signal
 import socket
 from pathlib import Path
 
-from cfgpar.diffusion.data import MAX_CFG_PARALLEL_SIZE
+from cfgpar.cli_common import DEFAULT_NEGATIVE, CliError, add_layout_args
 
 logger = logging.getLogger("cfgpar.server")
-DEFAULT_NEGATIVE = "low quality, blurry"  # as `cfgpar edit` / `cfgpar generate`
 
 
 def add_serve_parser(subparsers) -> None:
     p = subparsers.add_parser("serve", help="serve an OpenAI-compatible images API and a page over HTTP")
     p.add_argument("model", nargs="?", default=None,
                    help="hub id or local model folder (default: the embedded edit model)")
-    p.add_argument("--cfg-parallel-size", type=int, default=2, choices=range(1, MAX_CFG_PARALLEL_SIZE + 1),
-                   help="ranks the guidance branches are spread over (default 2)")
+    add_layout_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8091, help="port (default 8091; 0: a free one, named in the log)")
     p.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on every endpoint but /health and the page "
                         "(default: $CFGPAR_API_KEY if set, else no key)")
     p.add_argument("--served-model-name", default=None, help="model id in the API (default: the folder's name)")
-    p.add_argument("--threads-per-rank", type=int, default=None, help="CPU threads per rank (default: cores / ranks)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default: cuda if enough GPUs")
     p.add_argument("--dtype", default="auto",
                    help="torch dtype of the weights (default: bfloat16 on GPU, else float32)")
@@ -63,7 +60,6 @@ def run_serve(args) -> int:
     import uvicorn
 
     from cfgpar import DiffusionParallelConfig, Omni
-    from cfgpar.cli import CliError
     from cfgpar.models.embedded import default_model
     from cfgpar.models.loader import import_pipeline, pipeline_path, resolve_model
     from cfgpar.server.app import Server, ServerConfig, create_app

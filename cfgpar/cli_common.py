@@ -1,0 +1,25 @@
+"""What every `cfgpar` command shares, below them all: the user-error type, the default
+negative prompt and the options that set the ranks' layout. cfgpar/cli.py and
+cfgpar/server/cli.py both import from here; neither imports the other's internals."""
+
+from __future__ import annotations
+
+import argparse
+
+from cfgpar.diffusion.data import MAX_CFG_PARALLEL_SIZE
+
+DEFAULT_NEGATIVE = "low quality, blurry"
+"""Negative prompt of `cfgpar edit|generate` and of the server when a request names none."""
+
+
+class CliError(Exception):
+    """A user mistake: printed as one line, exit status 2."""
+
+
+def add_layout_args(p: argparse.ArgumentParser) -> None:
+    """--cfg-parallel-size and --threads-per-rank, the same on every command."""
+    p.add_argument("--cfg-parallel-size", type=int, default=2, choices=range(1, MAX_CFG_PARALLEL_SIZE + 1),
+                   help="ranks the guidance branches are spread over (default 2)")
+    p.add_argument("--threads-per-rank", type=int, default=None,
+                   help="CPU threads per rank (default: $OMP_NUM_THREADS if set, else cores / ranks); "
+                        "the same value on every run gives the same picture at any --cfg-parallel-size")
