@@ -63,6 +63,7 @@ def _start(spec: WorkerSpec):
     from cfgpar.models.loader import import_pipeline
 
     torch.set_num_threads(spec.threads)
+    _progress_bars_use_a_thread_lock()
     device = torch.device(f"cuda:{spec.rank}" if spec.device == "cuda" else "cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -72,6 +73,18 @@ def _start(spec: WorkerSpec):
     pipeline_cls = import_pipeline(spec.pipeline)
     pipeline = pipeline_cls.from_pretrained(spec.model_folder, device=device, dtype=getattr(torch, spec.dtype))
     return pipeline, mesh
+
+
+def _progress_bars_use_a_thread_lock() -> None:
+    """tqdm's default lock is a multiprocessing RLock, i.e. a POSIX semaphore registered with
+    the resource tracker this rank shares with the engine's process; a rank that is killed never
+    unregisters it, and Python then warns of a leaked semaphore at exit. A rank's progress bar
+    is its own, so a thread lock is enough."""
+    import threading
+
+    from tqdm import tqdm
+
+    tqdm.set_lock(threading.RLock())
 
 
 def _serve(spec: WorkerSpec, conn: Connection, pipeline, mesh) -> None:
@@ -121,7 +134,11 @@ def _setup_logging(rank: int) -> None:
     logger.handlers[:] = [handler]
     logger.setLevel(logging.INFO)
     logger.propagate = False
-    # Library chatter (progress bars of loaders, deprecation notes) would repeat once per rank.
+    quiet_libraries()
+
+
+def quiet_libraries() -> None:
+    """Library chatter (progress bars of loaders, deprecation notes) would repeat once per rank."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
