@@ -4,6 +4,17 @@ from pathlib import Path
 
 import pytest
 
+# The CPU kernels of the weakest machine CI may run on: ATen's dispatch, oneDNN's and MKL's
+# capped at AVX2. An AVX-512 machine can hide what an AVX2 machine computes (different thread
+# counts rounding differently in the last bit), so `make test` runs the exactness tests a
+# second time with CFGPAR_TEST_CPU=avx2. Set here, before torch is imported, so that this
+# process and every rank, CLI and server the tests start inherit them.
+AVX2_CAPS = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+if os.environ.get("CFGPAR_TEST_CPU") == "avx2":
+    os.environ.update(AVX2_CAPS)
+elif os.environ.get("CFGPAR_TEST_CPU"):
+    raise SystemExit(f"CFGPAR_TEST_CPU={os.environ['CFGPAR_TEST_CPU']!r}: the only cap is 'avx2'.")
+
 sys.path.insert(0, str(Path(__file__).parent))  # toy_pipeline, importable by spawned ranks too
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -40,3 +51,14 @@ def _cmdline(entry: Path) -> bytes:
         return (entry / "cmdline").read_bytes()
     except OSError:
         return b""
+
+
+def pytest_report_header(config):
+    import torch
+
+    capability = torch.backends.cpu.get_cpu_capability()
+    if os.environ.get("CFGPAR_TEST_CPU") == "avx2" and capability not in ("AVX2", "DEFAULT"):
+        raise pytest.UsageError(f"CFGPAR_TEST_CPU=avx2 but ATen dispatches {capability} kernels: torch was "
+                                "imported before tests/conftest.py set ATEN_CPU_CAPABILITY.")
+    capped = ", ".join(f"{k}={os.environ[k]}" for k in AVX2_CAPS if k in os.environ) or "none"
+    return f"cpu kernels: ATen {capability}; caps: {capped}"

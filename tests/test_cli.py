@@ -35,12 +35,13 @@ def pixels(path):
     return np.asarray(Image.open(path))
 
 
-def test_edit_on_1_and_2_ranks_gives_the_same_picture(models, tmp_path):
+@pytest.mark.exactness
+def test_edit_on_1_and_2_ranks_same_picture_at_same_threads_per_rank(models, tmp_path):
     outs = []
     for size in (1, 2):
         out = tmp_path / f"edit{size}.png"
         done = cli("edit", "--image", models["picture"], "--prompt", "make the circle blue", "--model", models["edit"],
-                   "--num-inference-steps", 3, "--cfg-parallel-size", size, "--output", out)
+                   "--num-inference-steps", 3, "--cfg-parallel-size", size, "--threads-per-rank", 1, "--output", out)
         assert done.returncode == 0, done.stderr[-2000:]
         assert f"wrote {out}" in done.stdout and f"on {size} rank(s)" in done.stdout and "denoise" in done.stdout
         assert "denoise" in done.stderr  # the progress bar, from rank 0
@@ -75,7 +76,10 @@ def test_errors_are_one_line(models, tmp_path, args, message):
     assert "Traceback" not in done.stderr
 
 
-def test_example_scripts_match_across_cfg_sizes(models, tmp_path):
+@pytest.mark.exactness
+def test_example_scripts_same_picture_on_1_and_2_ranks_at_same_threads_per_rank(models, tmp_path):
+    """The guide's flags, plus --threads-per-rank 1: without it, one rank would take both cores
+    and two ranks one each, and a GEMM split over two threads may round differently."""
     for script, extra in ((EXAMPLES / "image_to_image" / "image_edit.py", ["--image", models["picture"]]),
                           (EXAMPLES / "text_to_image" / "text_to_image.py", [])):
         outs = []
@@ -84,7 +88,7 @@ def test_example_scripts_match_across_cfg_sizes(models, tmp_path):
             done = subprocess.run(
                 [sys.executable, script, "--model", models["edit" if extra else "t2i"], *extra, "--prompt",
                  "make the circle blue", "--negative-prompt", "low quality, blurry", "--cfg-scale", "4.0", "--output",
-                 out, "--cfg-parallel-size", str(size), "--num-inference-steps", "2"],
+                 out, "--cfg-parallel-size", str(size), "--num-inference-steps", "2", "--threads-per-rank", "1"],
                 capture_output=True, text=True, timeout=600, cwd=script.parent)
             assert done.returncode == 0, done.stderr[-2000:]
             outs.append(pixels(out))

@@ -1,6 +1,7 @@
 """The embedded shapes model (cfgpar/assets, built by training/train.py) really edits, through
 cfgpar with the guidance branches on two ranks; and cfg 1 and 2 give the same picture."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -63,7 +64,8 @@ def test_make_the_circle_blue(edit_engine):
     assert (found["shape"], found["colour"], found["background"]) == ("circle", "blue", "white"), found
 
 
-def test_cfg_parallel_sizes_agree(edit_engine):
+@pytest.mark.exactness
+def test_cfg_parallel_sizes_same_picture_at_same_threads_per_rank(edit_engine):
     edit = shapes.eval_edits(1)[0]
     prompt = {"prompt": edit.instruction, "negative_prompt": NEG, "multi_modal_data": {"image": edit.source.render()}}
     params = OmniDiffusionSamplingParams(true_cfg_scale=4.0, num_inference_steps=20, seed=3)
@@ -89,8 +91,9 @@ ROOT = Path(__file__).resolve().parent.parent
 SAMPLE_PICTURE = ROOT / "examples" / "assets" / "shapes-input.png"
 
 
-def run(args, cwd):
-    return subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=600)
+def run(args, cwd, env=None):
+    return subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=600,
+                          env=env)
 
 
 def test_make_demo_command_edits_the_sample_picture(tmp_path):
@@ -105,14 +108,17 @@ def test_make_demo_command_edits_the_sample_picture(tmp_path):
     assert evaluate.judge(Image.open(out), DEMO_TARGET)["correct"], evaluate.classify(Image.open(out))
 
 
-def test_guide_example_without_model_flag_on_1_and_2_ranks(tmp_path):
+@pytest.mark.exactness
+def test_guide_example_without_model_flag_same_picture_on_1_and_2_ranks_at_same_threads_per_rank(tmp_path):
     """The guide's command as written, model flag left out, from the example's folder (which
-    ships an input.png)."""
+    ships an input.png), with OMP_NUM_THREADS=1 in the environment: one thread per rank at both
+    sizes, as a user comparing them would set it."""
     folder = ROOT / "examples" / "offline_inference" / "image_to_image"
     outs = []
     for size in (1, 2):
         outs.append(tmp_path / f"edited_{size}.png")
         proc = run(["image_edit.py", "--image", "input.png", "--prompt", "turn this cat to a dog", "--negative-prompt", NEG,
-                    "--cfg-scale", "4.0", "--output", outs[-1], "--cfg-parallel-size", size], cwd=folder)
+                    "--cfg-scale", "4.0", "--output", outs[-1], "--cfg-parallel-size", size], cwd=folder,
+                   env={**os.environ, "OMP_NUM_THREADS": "1"})
         assert proc.returncode == 0, proc.stderr
     assert np.array_equal(np.asarray(Image.open(outs[0])), np.asarray(Image.open(outs[1])))

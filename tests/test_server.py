@@ -275,8 +275,10 @@ def assert_gone(pids, timeout: float = 10):
 
 # ---- the OpenAI client ------------------------------------------------------------------------
 
-def test_openai_edit_and_cfg_parallel_parity(server_a, server_b, picture):
-    """The official client gets valid pictures; 2 ranks give the very picture 1 rank gives."""
+@pytest.mark.exactness
+def test_openai_edit_same_picture_on_1_and_2_ranks_at_same_threads_per_rank(server_a, server_b, picture):
+    """The official client gets valid pictures; 2 ranks give the very picture 1 rank gives (both
+    servers run one thread per rank)."""
     extra = {"seed": 5, "num_inference_steps": 3, "negative_prompt": "blurry", "true_cfg_scale": 4.0}
     results = {}
     for name, server in (("a", server_a), ("b", server_b)):

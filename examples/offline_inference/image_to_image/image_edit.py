@@ -3,7 +3,8 @@
     python image_edit.py --image input.png --prompt "make the circle blue" \
         --negative-prompt "low quality, blurry" --cfg-scale 4.0 --output edited_image.png --cfg-parallel-size 2
 
---model defaults to cfgpar's embedded shapes model; pass "Qwen/Qwen-Image-Edit" or a local copy.
+Beyond the guide's flags: --threads-per-rank (pass the same value to compare cfg sizes bit for
+bit). --model defaults to cfgpar's embedded shapes model; pass "Qwen/Qwen-Image-Edit" or a local copy.
 """
 
 import argparse
@@ -26,11 +27,15 @@ def main() -> None:
     parser.add_argument("--cfg-parallel-size", type=int, default=2, choices=[1, 2, 3])
     parser.add_argument("--num-inference-steps", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads-per-rank", type=int, default=None,
+                        help="CPU threads per rank (default: $OMP_NUM_THREADS, else cores / ranks); keep it "
+                             "the same to get the same picture at every --cfg-parallel-size")
     args = parser.parse_args()
 
     omni = Omni(
         model=args.model or str(default_model("edit")),
         parallel_config=DiffusionParallelConfig(cfg_parallel_size=args.cfg_parallel_size),
+        threads_per_rank=args.threads_per_rank,
     )
     input_image = Image.open(args.image).convert("RGB")
     start = time.perf_counter()

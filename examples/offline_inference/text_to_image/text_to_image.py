@@ -3,7 +3,8 @@
     python text_to_image.py --prompt "a blue square on the left, black background" \
         --negative-prompt "low quality, blurry" --cfg-scale 4.0 --output output.png --cfg-parallel-size 2
 
---model defaults to cfgpar's embedded shapes model; pass "Qwen/Qwen-Image" or a local copy.
+Beyond the guide's flags: --threads-per-rank (pass the same value to compare cfg sizes bit for
+bit). --model defaults to cfgpar's embedded shapes model; pass "Qwen/Qwen-Image" or a local copy.
 """
 
 import argparse
@@ -23,6 +24,9 @@ def main() -> None:
     parser.add_argument("--cfg-parallel-size", type=int, default=2, choices=[1, 2])
     parser.add_argument("--num-inference-steps", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads-per-rank", type=int, default=None,
+                        help="CPU threads per rank (default: $OMP_NUM_THREADS, else cores / ranks); keep it "
+                             "the same to get the same picture at every --cfg-parallel-size")
     parser.add_argument("--height", type=int, default=None)
     parser.add_argument("--width", type=int, default=None)
     args = parser.parse_args()
@@ -30,6 +34,7 @@ def main() -> None:
     omni = Omni(
         model=args.model or str(default_model("text-to-image")),
         parallel_config=DiffusionParallelConfig(cfg_parallel_size=args.cfg_parallel_size),
+        threads_per_rank=args.threads_per_rank,
     )
     start = time.perf_counter()
     outputs = omni.generate(
