@@ -39,7 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(gen, size=True)
     gen.set_defaults(run=run_generate)
     bench = sub.add_parser("bench", help="time CFG-Parallel against cfg_parallel_size=1 and diffusers")
-    bench.add_argument("--runs", type=int, default=3, help="timed requests per point, after a warm-up (default 3)")
+    bench.add_argument("--runs", type=int, default=3, help="timed requests per sweep point, after a warm-up (default 3)")
+    bench.add_argument("--rounds", type=int, default=5,
+                       help="interleaved rounds of the headline: cfgpar and the bare program (default 5)")
     bench.add_argument("--quick", action="store_true", help="fewer sweep points and one run each (plumbing check)")
     bench.add_argument("--num-layers", type=int, default=8, help="transformer blocks of the benchmark model")
     bench.add_argument("--out", default="benchmarks/results", help="where bench.json, bench.md and the plot go")
@@ -112,10 +114,10 @@ def run_bench(args) -> int:
     from cfgpar.bench import report, suite
     from cfgpar.bench.measure import Point
 
-    cfg = suite.BenchConfig(num_layers=args.num_layers, runs=args.runs, out=Path(args.out))
+    cfg = suite.BenchConfig(num_layers=args.num_layers, runs=args.runs, headline_rounds=args.rounds, out=Path(args.out))
     if args.quick:
-        cfg = suite.BenchConfig(num_layers=2, runs=1, headline=Point(64, 4), sizes=(64, 96), sweep_steps=4,
-                                steps=(2, 4), steps_size=64, out=Path(args.out))
+        cfg = suite.BenchConfig(num_layers=2, runs=1, headline_rounds=1, headline=Point(64, 4), sizes=(64, 96),
+                                sweep_steps=4, steps=(2, 4), steps_size=64, out=Path(args.out))
     results = suite.run(cfg, log=lambda line: print(f"cfgpar bench: {line}", flush=True))
     paths = report.write(results, cfg.out)
     print(report.markdown(results))

@@ -1,5 +1,5 @@
-"""Timing one configuration: cfgpar at a cfg size and thread count, diffusers' own pipeline, and
-the bare all-gather. Medians over `runs` requests after one warm-up request."""
+"""Timing the contestants: cfgpar engines at a cfg size and thread count and the bare program,
+run in interleaved rounds after one warm-up each; diffusers' own pipeline; the bare all-gather."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from PIL import Image
@@ -45,25 +46,50 @@ def _prompt(point: Point, edit: bool) -> dict:
     return prompt
 
 
-def measure_cfgpar(folder: Path, *, edit: bool, cfg_size: int, threads: int, points: list[Point], runs: int) -> list[dict]:
-    """Median stage seconds and per-rank peak memory for each point, one engine for all points."""
-    from cfgpar import DiffusionParallelConfig, Omni, OmniDiffusionSamplingParams
+def request(point: Point, edit: bool):
+    """The benchmark's prompt and sampling parameters at one point (true CFG, seed 0)."""
+    from cfgpar import OmniDiffusionSamplingParams
 
-    results = []
-    with Omni(str(folder), DiffusionParallelConfig(cfg_parallel_size=cfg_size), threads_per_rank=threads,
-              progress_bar=False) as omni:
-        for point in points:
-            params = OmniDiffusionSamplingParams(
-                true_cfg_scale=4.0, num_inference_steps=point.steps, seed=0, height=point.size, width=point.size,
-                image_guidance_scale=1.5 if point.three_branch else None,
-            )
-            prompt = _prompt(point, edit)
-            omni.generate(prompt, params)  # warm-up: first-touch allocations, caches
-            metrics = [omni.generate(prompt, params)[0].metrics for _ in range(runs)]
-            row = {k: statistics.median(getattr(m, k) for m in metrics) for k in STAGES}
-            row.update(peak_memory_mb=metrics[-1].peak_memory_mb, branches=metrics[-1].num_branches)
-            results.append(row)
-    return results
+    params = OmniDiffusionSamplingParams(
+        true_cfg_scale=4.0, num_inference_steps=point.steps, seed=0, height=point.size, width=point.size,
+        image_guidance_scale=1.5 if point.three_branch else None,
+    )
+    return _prompt(point, edit), params
+
+
+def open_omni(folder: Path, cfg_size: int, threads: int):
+    """An engine for the benchmark: `threads` per rank, no progress bar. The caller closes it."""
+    from cfgpar import DiffusionParallelConfig, Omni
+
+    return Omni(str(folder), DiffusionParallelConfig(cfg_parallel_size=cfg_size), threads_per_rank=threads,
+                progress_bar=False)
+
+
+def cfgpar_row(omni, point: Point, edit: bool) -> dict:
+    """Stage seconds of one request, per-rank peak memory and the branch count."""
+    (out,) = omni.generate(*request(point, edit))
+    row = {k: getattr(out.metrics, k) for k in STAGES}
+    row.update(peak_memory_mb=out.metrics.peak_memory_mb, branches=out.metrics.num_branches)
+    return row
+
+
+def interleaved(contestants: dict[str, Callable[[], dict]], rounds: int) -> dict[str, list[dict]]:
+    """Each contestant once as a warm-up (first-touch allocations, caches), then `rounds` rounds
+    that run each once in turn, so that the slow drifts of a shared host hit all of them alike.
+    Returns each contestant's rows in round order."""
+    for run in contestants.values():
+        run()
+    rows: dict[str, list[dict]] = {name: [] for name in contestants}
+    for _ in range(rounds):
+        for name, run in contestants.items():
+            rows[name].append(run())
+    return rows
+
+
+def median_row(rows: list[dict]) -> dict:
+    """The median of every number over the rows; other values from the last row."""
+    return {k: statistics.median(r[k] for r in rows) if isinstance(v, (int, float)) else v
+            for k, v in rows[-1].items()}
 
 
 def measure_diffusers(folder: Path, *, edit: bool, threads: int, points: list[Point], runs: int) -> list[dict]:

@@ -33,7 +33,7 @@ def markdown(results: Results) -> str:
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['gpu'] or 'no GPU'}, torch {m['torch']}.",
         f"Model: Qwen-Image-Edit architecture, random weights, {c['num_layers']} blocks of {c['heads']}x{c['head_dim']}; "
         f"edit at {c['headline']['size']}x{c['headline']['size']} px, {c['headline']['steps']} steps, true CFG "
-        f"(scale 4 + negative prompt); median of {c['runs']} after a warm-up.",
+        f"(scale 4 + negative prompt); median of {c['headline_rounds']} interleaved rounds after a warm-up.",
         "",
         "| run | ranks x threads | encode s | denoise s | decode s | total s | all-gather s | peak MiB per rank | "
         "denoise speedup | end-to-end speedup |",
@@ -50,6 +50,7 @@ def markdown(results: Results) -> str:
             f"{r['total_s']:.2f} | {r.get('allgather_s', 0):.3f} | {peak} | "
             f"{ref['denoise_s'] / r['denoise_s']:.2f}x | {ref['total_s'] / r['total_s']:.2f}x |"
         )
+    lines += versus_bare_lines(results)
     v = results.versus_diffusers
     ours, theirs = v["cfgpar_1"], v["diffusers_1"]
     lines += ["", f"Against diffusers' QwenImagePipeline on the same folder (text-to-image {v['size']} px, {v['steps']} "
@@ -73,6 +74,36 @@ def markdown(results: Results) -> str:
     lines.append("")
     lines.append(f"Whole run: {c.get('wall_s', 0) / 60:.1f} min.")
     return "\n".join(lines) + "\n"
+
+
+def versus_bare_lines(results: Results) -> list[str]:
+    """The machine's speedup (the bare program) against cfgpar's, and cfgpar's share of it."""
+    v, h = results.versus_bare, results.headline
+    if not v:
+        return []
+    f = v["one_forward_s"]
+    slow = {k: f[f"{k}_2"] / f[f"{k}_1"] - 1 for k in ("bare", "cfgpar")}
+    ranks = v["bare_2_forward_s_by_rank"]
+    return [
+        "", "Machine against cfgpar: the bare program runs the same forwards (the model's own, on random inputs "
+        "of each branch's shapes) on one process, and on two gloo processes with one all-gather a step, "
+        "interleaved with cfgpar's runs in the same rounds:", "",
+        "| run | 1 process s | 2 processes s | speedup | share of the bare speedup |", "|---|---|---|---|---|",
+        f"| bare program, forwards + all-gather (the machine) | {h['bare_1']['loop_s']:.2f} | "
+        f"{h['bare_2']['loop_s']:.2f} | {v['bare']:.2f}x | 100% |",
+        f"| cfgpar, denoise loop | {h['cfgpar_1']['denoise_s']:.2f} | {h['cfgpar_2']['denoise_s']:.2f} | "
+        f"{v['denoise']:.2f}x | **{v['denoise_share']:.1%}** |",
+        f"| cfgpar, end to end | {h['cfgpar_1']['total_s']:.2f} | {h['cfgpar_2']['total_s']:.2f} | "
+        f"{v['end_to_end']:.2f}x | **{v['end_to_end_share']:.1%}** |",
+        "",
+        "Speedups and shares are medians of per-round ratios (per round: "
+        + ", ".join(f"{r['denoise_share']:.0%}/{r['end_to_end_share']:.0%}" for r in v["rounds"])
+        + " denoise/end to end). "
+        f"One forward: bare {f['bare_1'] * 1e3:.0f} ms alone, {f['bare_2'] * 1e3:.0f} ms beside the other process "
+        f"({slow['bare']:+.0%}); cfgpar {f['cfgpar_1'] * 1e3:.0f} ms and {f['cfgpar_2'] * 1e3:.0f} ms "
+        f"({slow['cfgpar']:+.0%}). The bare ranks' forwards take {ranks[0]:.2f} s and {ranks[1]:.2f} s a request "
+        f"({abs(ranks[0] - ranks[1]) / max(ranks):.1%} apart: the branch with the longer prompt sets each step's pace).",
+    ]
 
 
 def plot_png(results: Results, path: Path) -> Path | None:

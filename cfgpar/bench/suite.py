@@ -1,19 +1,27 @@
 """`cfgpar bench`: cfgpar at cfg sizes 1 and 2 (3 where the cores allow), cfgpar at size 1 with
-all the threads, and diffusers' own pipeline, on the same weights, seed and machine; sweeps over
+all the threads, the bare program (the same forwards on one process and on two, cfgpar-free:
+what the machine gives) and diffusers' own pipeline, on the same weights, seed and machine;
+cfgpar's speedup as a share of the bare program's, measured in interleaved rounds; sweeps over
 resolution and steps; the cost model checked against the sweep. Writes JSON, Markdown and a PNG
 plot under benchmarks/results/."""
 
 from __future__ import annotations
 
+import contextlib
 import platform
+import statistics
 import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
 
 from cfgpar.bench.cost_model import RequestCosts, speedup
-from cfgpar.bench.measure import Point, measure_allgather, measure_cfgpar, measure_diffusers
+from cfgpar.bench.bare import BareProgram, BareSpec
+from cfgpar.bench.measure import (
+    Point, cfgpar_row, interleaved, measure_allgather, measure_diffusers, median_row, open_omni, request,
+)
 from cfgpar.omni import available_cores
 
 
@@ -38,7 +46,9 @@ class BenchConfig:
     """Step sweep (text-to-image, at `steps_size`)."""
     steps_size: int = 192
     runs: int = 3
-    """Timed requests per point (median), after one warm-up."""
+    """Timed requests per point and contestant (median), after one warm-up each."""
+    headline_rounds: int = 5
+    """Interleaved rounds of the headline (cfgpar and the bare program), after one warm-up each."""
     out: Path = Path("benchmarks/results")
 
 
@@ -49,6 +59,7 @@ class Results:
     headline: dict = field(default_factory=dict)
     sweep: list = field(default_factory=list)
     versus_diffusers: dict = field(default_factory=dict)
+    versus_bare: dict = field(default_factory=dict)
 
 
 def build_models(cfg: BenchConfig, root: Path) -> tuple[Path, Path]:
@@ -80,47 +91,88 @@ def run(cfg: BenchConfig, log=print) -> Results:
     edit_folder, t2i_folder = build_models(cfg, Path(".cache/bench"))
     results = Results(machine=machine(), config=_jsonable(asdict(cfg)))
     cores = results.machine["cores"]
-    head = [cfg.headline]
 
-    log(f"headline: edit {cfg.headline.size}px, {cfg.headline.steps} steps")
-    h = results.headline
-    h["cfgpar_1"] = measure_cfgpar(edit_folder, edit=True, cfg_size=1, threads=1, points=head, runs=cfg.runs)[0]
-    h["cfgpar_2"] = measure_cfgpar(edit_folder, edit=True, cfg_size=2, threads=1, points=head, runs=cfg.runs)[0]
-    h["cfgpar_1_all_threads"] = measure_cfgpar(edit_folder, edit=True, cfg_size=1, threads=2, points=head,
-                                               runs=cfg.runs)[0]
-    three = [Point(cfg.headline.size, cfg.headline.steps, three_branch=True)]
+    log(f"headline: edit {cfg.headline.size}px, {cfg.headline.steps} steps, cfgpar and the bare program in "
+        f"{cfg.headline_rounds} interleaved rounds")
+    rows = measure_headline(cfg, edit_folder)
+    results.headline = {name: median_row(r) for name, r in rows.items()}
+    results.versus_bare = versus_bare(rows, cfg.headline.steps)
+    three = Point(cfg.headline.size, cfg.headline.steps, three_branch=True)
     if cores >= 3:
-        h["cfgpar_1_three_branch"] = measure_cfgpar(edit_folder, edit=True, cfg_size=1, threads=1, points=three,
-                                                    runs=cfg.runs)[0]
-        h["cfgpar_3_three_branch"] = measure_cfgpar(edit_folder, edit=True, cfg_size=3, threads=1, points=three,
-                                                    runs=cfg.runs)[0]
+        rows = measure_pair(edit_folder, three, edit=True, sizes=(1, 3), rounds=cfg.runs)
+        results.headline["cfgpar_1_three_branch"], results.headline["cfgpar_3_three_branch"] = rows
     else:
-        h["three_branch_skipped"] = f"cfg_parallel_size 3 needs 3 cores at one thread per rank; this machine has {cores}"
+        results.headline["three_branch_skipped"] = (
+            f"cfg_parallel_size 3 needs 3 cores at one thread per rank; this machine has {cores}")
 
     points = [Point(s, cfg.sweep_steps) for s in cfg.sizes]
     points += [Point(cfg.steps_size, n) for n in cfg.steps]
     points += [cfg.headline]
     points = list(dict.fromkeys(points))  # unique, in order
-    log(f"sweep: {len(points)} text-to-image points")
-    one = measure_cfgpar(t2i_folder, edit=False, cfg_size=1, threads=1, points=points, runs=cfg.runs)
-    two = measure_cfgpar(t2i_folder, edit=False, cfg_size=2, threads=1, points=points, runs=cfg.runs)
-    for point, a, b in zip(points, one, two):
-        gather = measure_allgather(4 * point.tokens * 64)  # one fp32 prediction [1, tokens, 64]
-        predicted = speedup(costs_from(a, point, gather), 2)
-        results.sweep.append(dict(size=point.size, tokens=point.tokens, steps=point.steps, cfgpar_1=a, cfgpar_2=b,
-                                  allgather_micro_s=gather,
-                                  measured=(a["denoise_s"] / b["denoise_s"], a["total_s"] / b["total_s"]),
-                                  predicted=predicted))
+    log(f"sweep: {len(points)} text-to-image points, cfg sizes 1 and 2 interleaved")
+    with open_omni(t2i_folder, 1, 1) as one, open_omni(t2i_folder, 2, 1) as two:
+        for point in points:
+            rows = interleaved({size: partial(cfgpar_row, omni, point, False) for size, omni in ((1, one), (2, two))},
+                               cfg.runs)
+            a, b = median_row(rows[1]), median_row(rows[2])
+            gather = measure_allgather(4 * point.tokens * 64)  # one fp32 prediction [1, tokens, 64]
+            results.sweep.append(dict(size=point.size, tokens=point.tokens, steps=point.steps, cfgpar_1=a,
+                                      cfgpar_2=b, allgather_micro_s=gather,
+                                      measured=(a["denoise_s"] / b["denoise_s"], a["total_s"] / b["total_s"]),
+                                      predicted=speedup(costs_from(a, point, gather), 2)))
     # diffusers' edit pipeline always resizes the input to ~1024x1024 (cfgpar's model option is
     # unknown to it), so the like-for-like comparison is text-to-image at the headline point.
     match = next(s for s in results.sweep if (s["size"], s["steps"]) == (cfg.headline.size, cfg.headline.steps))
     log("diffusers reference: text-to-image at the headline point")
     results.versus_diffusers = dict(
         size=cfg.headline.size, steps=cfg.headline.steps, cfgpar_1=match["cfgpar_1"],
-        diffusers_1=measure_diffusers(t2i_folder, edit=False, threads=1, points=head, runs=cfg.runs)[0],
+        diffusers_1=measure_diffusers(t2i_folder, edit=False, threads=1, points=[cfg.headline], runs=cfg.runs)[0],
     )
     results.config["wall_s"] = time.perf_counter() - started
     return results
+
+
+def measure_headline(cfg: BenchConfig, folder: Path) -> dict[str, list[dict]]:
+    """cfgpar at cfg sizes 1 and 2 (one thread per rank) and at size 1 on all the threads, and
+    the bare program on one process and on two, all started at once and run in interleaved
+    rounds. Each contestant's rows, in round order."""
+    point = cfg.headline
+    prompt, params = request(point, edit=True)
+    with contextlib.ExitStack() as stack:
+        contestants = {}
+        for name, size, threads in (("cfgpar_1", 1, 1), ("cfgpar_2", 2, 1), ("cfgpar_1_all_threads", 1, 2)):
+            omni = stack.enter_context(open_omni(folder, size, threads))
+            contestants[name] = partial(cfgpar_row, omni, point, True)
+        for ranks in (1, 2):
+            bare = stack.enter_context(BareProgram(BareSpec(folder=folder, prompt=prompt, params=params, ranks=ranks)))
+            contestants[f"bare_{ranks}"] = bare.run
+        return interleaved(contestants, cfg.headline_rounds)
+
+
+def measure_pair(folder: Path, point: Point, *, edit: bool, sizes: tuple[int, int], rounds: int) -> list[dict]:
+    """cfgpar at two cfg sizes (one thread per rank), interleaved; their median rows."""
+    with open_omni(folder, sizes[0], 1) as a, open_omni(folder, sizes[1], 1) as b:
+        rows = interleaved({0: partial(cfgpar_row, a, point, edit), 1: partial(cfgpar_row, b, point, edit)}, rounds)
+    return [median_row(rows[0]), median_row(rows[1])]
+
+
+def versus_bare(rows: dict[str, list[dict]], steps: int) -> dict:
+    """cfgpar's speedup as a share of the bare program's, round by round (the four runs of one
+    round saw the same host), then the median over rounds. Also the time of one forward in
+    each run, which shows whether cfgpar's forwards slow down more beside each other than the
+    bare program's, and the bare ranks' imbalance (the longer prompt's rank waits less)."""
+    rounds = []
+    for c1, c2, b1, b2 in zip(rows["cfgpar_1"], rows["cfgpar_2"], rows["bare_1"], rows["bare_2"]):
+        bare = b1["loop_s"] / b2["loop_s"]
+        denoise, end_to_end = c1["denoise_s"] / c2["denoise_s"], c1["total_s"] / c2["total_s"]
+        rounds.append(dict(bare=bare, denoise=denoise, end_to_end=end_to_end, denoise_share=denoise / bare,
+                           end_to_end_share=end_to_end / bare))
+    # One process runs both branches' forwards each step, each of two processes one.
+    forwards = {"cfgpar_1": 2 * steps, "cfgpar_2": steps, "bare_1": 2 * steps, "bare_2": steps}
+    one_forward_s = {name: statistics.median(r["forward_s"] for r in rows[name]) / n for name, n in forwards.items()}
+    by_rank = [statistics.median(r["forward_s_by_rank"][i] for r in rows["bare_2"]) for i in range(2)]
+    return dict(rounds=rounds, **{k: statistics.median(r[k] for r in rounds) for k in rounds[0]},
+                one_forward_s=one_forward_s, bare_2_forward_s_by_rank=by_rank)
 
 
 def costs_from(one_rank: dict, point: Point, allgather_s: float, branches: int = 2) -> RequestCosts:

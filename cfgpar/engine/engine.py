@@ -32,7 +32,7 @@ logger = logging.getLogger("cfgpar")
 
 
 @contextlib.contextmanager
-def _main_module_hidden():
+def main_module_hidden():
     """Spawned ranks need nothing from the caller's script, and must not re-run it: the guide's
     Quick Start, saved as a file, builds an Omni at top level with no `if __name__ == "__main__"`.
     multiprocessing re-imports the main module in each child when it has a __spec__ or __file__;
@@ -111,7 +111,7 @@ class Engine:
             raise EngineError("the engine is already started.")
         rendezvous = self._serve_rendezvous()
         ctx = mp.get_context("spawn")
-        with _main_module_hidden():
+        with main_module_hidden():
             self._spawn(ctx, rendezvous)
         try:
             replies = self._collect("starting", timeout=self.config.start_timeout_s)
