@@ -53,12 +53,18 @@ def _cmdline(entry: Path) -> bytes:
         return b""
 
 
-def pytest_report_header(config):
+def pytest_sessionstart(session):
+    """Refuse a capped run whose caps did not reach ATen (torch imported before this file)."""
     import torch
 
     capability = torch.backends.cpu.get_cpu_capability()
     if os.environ.get("CFGPAR_TEST_CPU") == "avx2" and capability not in ("AVX2", "DEFAULT"):
         raise pytest.UsageError(f"CFGPAR_TEST_CPU=avx2 but ATen dispatches {capability} kernels: torch was "
                                 "imported before tests/conftest.py set ATEN_CPU_CAPABILITY.")
+
+
+def pytest_report_header(config):
+    import torch
+
     capped = ", ".join(f"{k}={os.environ[k]}" for k in AVX2_CAPS if k in os.environ) or "none"
-    return f"cpu kernels: ATen {capability}; caps: {capped}"
+    return f"cpu kernels: ATen {torch.backends.cpu.get_cpu_capability()}; caps: {capped}"

@@ -94,7 +94,7 @@ def run(cfg: BenchConfig, log=print) -> Results:
 
     log(f"headline: edit {cfg.headline.size}px, {cfg.headline.steps} steps, cfgpar and the bare program in "
         f"{cfg.headline_rounds} interleaved rounds")
-    rows = measure_headline(cfg, edit_folder)
+    rows = measure_versus_bare(edit_folder, cfg.headline, edit=True, rounds=cfg.headline_rounds)
     results.headline = {name: median_row(r) for name, r in rows.items()}
     results.versus_bare = versus_bare(rows, cfg.headline.steps)
     three = Point(cfg.headline.size, cfg.headline.steps, three_branch=True)
@@ -132,21 +132,20 @@ def run(cfg: BenchConfig, log=print) -> Results:
     return results
 
 
-def measure_headline(cfg: BenchConfig, folder: Path) -> dict[str, list[dict]]:
+def measure_versus_bare(folder: Path, point: Point, *, edit: bool, rounds: int) -> dict[str, list[dict]]:
     """cfgpar at cfg sizes 1 and 2 (one thread per rank) and at size 1 on all the threads, and
     the bare program on one process and on two, all started at once and run in interleaved
     rounds. Each contestant's rows, in round order."""
-    point = cfg.headline
-    prompt, params = request(point, edit=True)
+    prompt, params = request(point, edit)
     with contextlib.ExitStack() as stack:
         contestants = {}
         for name, size, threads in (("cfgpar_1", 1, 1), ("cfgpar_2", 2, 1), ("cfgpar_1_all_threads", 1, 2)):
             omni = stack.enter_context(open_omni(folder, size, threads))
-            contestants[name] = partial(cfgpar_row, omni, point, True)
+            contestants[name] = partial(cfgpar_row, omni, point, edit)
         for ranks in (1, 2):
             bare = stack.enter_context(BareProgram(BareSpec(folder=folder, prompt=prompt, params=params, ranks=ranks)))
             contestants[f"bare_{ranks}"] = bare.run
-        return interleaved(contestants, cfg.headline_rounds)
+        return interleaved(contestants, rounds)
 
 
 def measure_pair(folder: Path, point: Point, *, edit: bool, sizes: tuple[int, int], rounds: int) -> list[dict]:
