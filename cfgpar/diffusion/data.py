@@ -13,7 +13,8 @@ class DiffusionParallelConfig:
 
     cfg_parallel_size: int = 1
     """Ranks that split the guidance branches: 1 (off), 2 (positive on rank 0, negative on rank 1)
-    or 3 (a third branch, e.g. image guidance, on rank 2)."""
+    or 3 (a third branch, e.g. image guidance, on rank 2). Every size gives the same picture, bit
+    for bit, for the same compute per rank (threads per rank on CPU, GPU model and dtype)."""
 
     world_size: int = field(init=False)
     """Total number of ranks: the product of all parallel degrees (derived, not set)."""

@@ -5,6 +5,11 @@ Every rank runs this function for every request. Per step, rank r predicts the b
 and every rank combines them and steps its own scheduler: the latents stay identical on every
 rank without being broadcast. Without guidance (one branch) the ranks split the request's
 outputs instead, and rank 0 gathers the final latents. Only rank 0 decodes.
+
+Every branch's prediction is computed the same way whichever rank runs it and however many
+ranks there are, and the combine sees the same tensors in the same order on every rank: the
+picture is the same as running the branches one after another, bit for bit, for the same
+compute per rank (the same threads per rank on CPU, the same GPU model and dtype on GPUs).
 """
 
 from __future__ import annotations
