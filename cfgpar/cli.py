@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from cfgpar.cli_common import DEFAULT_NEGATIVE, CliError, add_layout_args
+from cfgpar.cli_common import DEFAULT_NEGATIVE, CliError, add_layout_args, parallel_config
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, *, size: bool) -> None:
@@ -82,7 +82,7 @@ def run_generate(args) -> int:
 
 
 def _run(args, task: str, multi_modal_data: dict, default_output: Path) -> int:
-    from cfgpar import DiffusionParallelConfig, Omni, OmniDiffusionSamplingParams
+    from cfgpar import Omni, OmniDiffusionSamplingParams
     from cfgpar.models.embedded import default_model
 
     params = OmniDiffusionSamplingParams(
@@ -95,7 +95,7 @@ def _run(args, task: str, multi_modal_data: dict, default_output: Path) -> int:
     prompt = {"prompt": args.prompt, "negative_prompt": args.negative_prompt}
     if multi_modal_data:
         prompt["multi_modal_data"] = multi_modal_data
-    parallel = DiffusionParallelConfig(cfg_parallel_size=args.cfg_parallel_size)
+    parallel = parallel_config(args)
     with Omni(args.model or default_model(task), parallel, threads_per_rank=args.threads_per_rank) as omni:
         if omni.model_info.get("task") != task:
             raise CliError(f"model {args.model!r} is a {omni.model_info.get('task')} model; `cfgpar "

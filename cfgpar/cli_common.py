@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 
-from cfgpar.diffusion.data import MAX_CFG_PARALLEL_SIZE
+from cfgpar.diffusion.data import MAX_CFG_PARALLEL_SIZE, DiffusionParallelConfig
 
 DEFAULT_NEGATIVE = "low quality, blurry"
 """Negative prompt of `cfgpar edit|generate` and of the server when a request names none."""
@@ -16,10 +16,19 @@ class CliError(Exception):
     """A user mistake: printed as one line, exit status 2."""
 
 
+def parallel_config(args: argparse.Namespace) -> DiffusionParallelConfig:
+    """The layout the options of add_layout_args ask for (a ValueError names a bad one)."""
+    return DiffusionParallelConfig(cfg_parallel_size=args.cfg_parallel_size,
+                                   vae_patch_parallel_size=args.vae_patch_parallel_size)
+
+
 def add_layout_args(p: argparse.ArgumentParser) -> None:
-    """--cfg-parallel-size and --threads-per-rank, the same on every command."""
+    """--cfg-parallel-size, --vae-patch-parallel-size and --threads-per-rank, the same on every command."""
     p.add_argument("--cfg-parallel-size", type=int, default=2, choices=range(1, MAX_CFG_PARALLEL_SIZE + 1),
                    help="ranks the guidance branches are spread over (default 2)")
+    p.add_argument("--vae-patch-parallel-size", type=int, default=1,
+                   help="ranks that share the VAE decode as tiles, for outputs over 256 px a side (default 1: "
+                        "rank 0 decodes alone, untiled; tiling changes the picture slightly)")
     p.add_argument("--threads-per-rank", type=int, default=None,
                    help="CPU threads per rank (default: $OMP_NUM_THREADS if set, else cores / ranks); "
                         "the same value on every run gives the same picture at any --cfg-parallel-size")

@@ -63,6 +63,8 @@ def test_generate(models, tmp_path):
     (["generate", "--prompt", "x", "--height", "8", "--model", "{t2i}"], "height must be between 16 and 4096, got 8"),
     (["generate", "--prompt", "x", "--model", "no/such-model"], "could not fetch model 'no/such-model'"),
     (["generate", "--prompt", "x", "--model", "{edit}"], "is a edit model"),
+    (["generate", "--prompt", "x", "--model", "{t2i}", "--vae-patch-parallel-size", "3"],
+     "vae_patch_parallel_size must be between 1 and 2 (the 2 rank(s) of this layout), got 3"),
     (["edit", "--image", "{picture}", "--prompt", "x", "--model", "{edit}", "--output", "out.txt"], "--output must end in"),
 ])
 def test_errors_are_one_line(models, tmp_path, args, message):

@@ -15,6 +15,11 @@ def test_parallel_config():
         DiffusionParallelConfig(2)  # keyword-only
     with pytest.raises(TypeError):
         DiffusionParallelConfig(world_size=2)  # derived
+    assert DiffusionParallelConfig(cfg_parallel_size=3, vae_patch_parallel_size=2).vae_patch_parallel_size == 2
+    with pytest.raises(ValueError, match=r"vae_patch_parallel_size must be between 1 and 2 \(the 2 rank\(s\) of this layout\), got 4"):
+        DiffusionParallelConfig(cfg_parallel_size=2, vae_patch_parallel_size=4)
+    with pytest.raises(ValueError, match="vae_patch_parallel_size must be between 1 and 1"):
+        DiffusionParallelConfig(vae_patch_parallel_size=0)
 
 
 @pytest.mark.parametrize("field,value,message", [

@@ -55,18 +55,28 @@ def leave() -> None:
 
 
 class ParallelMesh:
-    """Owns the parallel degrees of this rank and their process groups."""
+    """Owns the parallel degrees of this rank and their process groups.
 
-    def __init__(self, degrees: dict[str, int], device: torch.device):
+    `vae_size` ranks, 0 to vae_size - 1, share the VAE decode (their own group where they are
+    fewer than the world: every rank takes part in creating it, as torch requires)."""
+
+    def __init__(self, degrees: dict[str, int], device: torch.device, vae_size: int = 1):
         world_size = dist.get_world_size() if dist.is_initialized() else 1
         check_degrees(degrees, world_size)
+        if not 1 <= vae_size <= world_size:
+            raise ValueError(f"vae_patch_parallel_size must be between 1 and the world size {world_size}, got {vae_size}.")
         self.degrees = dict(degrees)
         self.device = device
+        self.vae_size = vae_size
         self._mesh: DeviceMesh | None = None
+        self._vae_group: dist.ProcessGroup | None = None
         if world_size > 1:
             self._mesh = init_device_mesh(
                 device.type, tuple(degrees.values()), mesh_dim_names=tuple(degrees.keys())
             )
+        if 1 < vae_size < world_size:
+            self._vae_group = dist.new_group(list(range(vae_size)))
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
 
     @property
     def cfg_size(self) -> int:
@@ -79,6 +89,11 @@ class ParallelMesh:
     @property
     def cfg_group(self) -> dist.ProcessGroup | None:
         return self._mesh.get_group("cfg") if self._mesh is not None else None
+
+    @property
+    def vae_group(self) -> dist.ProcessGroup | None:
+        """The VAE decode's group; None is the default (whole-world) group."""
+        return self._vae_group
 
 
 def all_gather_slots(
@@ -94,4 +109,18 @@ def all_gather_slots(
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
     # The backends take the output flat along dim 0: [size * slots, ...].
     gather(out.view(size * local.shape[0], *local.shape[1:]), local.contiguous(), group=group)
+    return out
+
+
+def gather_slots(local: torch.Tensor, group: dist.ProcessGroup | None, size: int) -> torch.Tensor | None:
+    """Gather equal-shaped [slots, ...] tensors from `size` ranks to rank 0 as [size, slots, ...];
+    None on the other ranks. Rank 0 of the world must be rank 0 of `group`."""
+    if size == 1:
+        return local.unsqueeze(0)
+    local = local.contiguous()
+    if dist.get_rank() != 0:
+        dist.gather(local, None, dst=0, group=group)
+        return None
+    out = local.new_empty((size, *local.shape))
+    dist.gather(local, list(out.unbind(0)), dst=0, group=group)
     return out

@@ -4,7 +4,8 @@ Every rank runs this function for every request. Per step, rank r predicts the b
 `branches_of_rank(n, size, r)`, the predictions are all-gathered ([size, slots, B, L, C]),
 and every rank combines them and steps its own scheduler: the latents stay identical on every
 rank without being broadcast. Without guidance (one branch) the ranks split the request's
-outputs instead, and rank 0 gathers the final latents. Only rank 0 decodes.
+outputs instead, and rank 0 gathers the final latents. Rank 0 decodes, alone or with the
+first vae_patch_parallel_size ranks each decoding a share of the VAE's tiles.
 
 Every branch's prediction is computed the same way whichever rank runs it and however many
 ranks there are, and the combine sees the same tensors in the same order on every rank: the
@@ -21,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from cfgpar.distributed.mesh import ParallelMesh, all_gather_slots
+from cfgpar.distributed.vae_patch import parallel_tiled_decode, tiles_needed
 from cfgpar.engine.request import GenerationRequest, GenerationResult, StageMetrics
 from cfgpar.guidance import branches_of_rank, gathered_index, slots_per_rank, split_outputs
 from cfgpar.pipelines.base import DiffusionPipeline
@@ -96,12 +98,26 @@ def _generate_split(pipeline, request, mesh, progress) -> GenerationResult | Non
 
 
 def _decode(pipeline, plan, latents, mesh, metrics) -> GenerationResult | None:
-    if mesh.cfg_rank != 0:
-        return None
+    """Rank 0 decodes, alone or with ranks 1 .. vae_size - 1 sharing the VAE's tiles."""
     start = time.perf_counter()
-    images = pipeline.decode(plan, latents)
+    z = _shared_decode_input(pipeline, plan, latents, mesh)
+    if z is not None:
+        pixels = parallel_tiled_decode(pipeline.vae, z, mesh.vae_group, mesh.vae_size, mesh.rank)
+    if mesh.rank != 0:
+        return None
+    images = pipeline.decode(plan, latents) if z is None else pipeline.to_images(plan, pixels)
     metrics.decode_s = time.perf_counter() - start
     return GenerationResult(images=images, metrics=metrics)
+
+
+def _shared_decode_input(pipeline, plan, latents, mesh) -> torch.Tensor | None:
+    """The VAE's input on the ranks that share the decode: vae_size > 1, a pipeline with a VAE,
+    and an output the VAE tiles (larger than one tile); None elsewhere. The same answer on every
+    sharing rank: they hold the same latents."""
+    if mesh.vae_size == 1 or pipeline.vae is None or mesh.rank >= mesh.vae_size:
+        return None
+    z = pipeline.vae_latents(plan, latents)
+    return z if tiles_needed(pipeline.vae, z) else None
 
 
 def _steps(timesteps: torch.Tensor, show: bool):

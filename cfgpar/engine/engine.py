@@ -125,6 +125,7 @@ class Engine:
             parent, child = ctx.Pipe()
             spec = WorkerSpec(
                 rank=rank, rendezvous=rendezvous, degrees=self.config.parallel.degrees,
+                vae_size=self.config.parallel.vae_patch_parallel_size,
                 model_folder=self.config.model_folder, pipeline=self.config.pipeline,
                 threads=self.config.threads_per_rank, device=self.config.device, dtype=self.config.dtype,
                 progress=self.config.progress,

@@ -28,6 +28,7 @@ class WorkerSpec:
     rank: int
     rendezvous: RendezvousInfo
     degrees: dict[str, int]
+    vae_size: int
     model_folder: Path
     pipeline: str
     threads: int
@@ -69,7 +70,7 @@ def _start(spec: WorkerSpec):
         torch.cuda.set_device(device)
     if spec.rendezvous.world_size > 1:
         join(spec.rendezvous, spec.rank, device)
-    mesh = ParallelMesh(spec.degrees, device)
+    mesh = ParallelMesh(spec.degrees, device, vae_size=spec.vae_size)
     pipeline_cls = import_pipeline(spec.pipeline)
     pipeline = pipeline_cls.from_pretrained(spec.model_folder, device=device, dtype=getattr(torch, spec.dtype))
     return pipeline, mesh

@@ -46,6 +46,10 @@ class DiffusionPipeline(ABC):
     task: ClassVar[str] = "text-to-image"
     """"text-to-image" or "edit" (the request must carry an input image)."""
 
+    vae: Any = None
+    """The VAE, where `decode(plan, latents)` is `to_images(plan, vae.decode(vae_latents(plan,
+    latents)))`: the loop can then share that decode out over several ranks. None: decode only."""
+
     def describe(self) -> dict[str, Any]:
         """Facts about the loaded model that callers validate requests against."""
         return {"task": self.task, "max_branches": self.max_branches}
@@ -79,3 +83,11 @@ class DiffusionPipeline(ABC):
     @abstractmethod
     def decode(self, plan: Plan, latents: torch.Tensor) -> list[Image.Image]:
         """Final latents [B, L, C] to B images."""
+
+    def vae_latents(self, plan: Plan, latents: torch.Tensor) -> torch.Tensor:
+        """Final latents [B, L, C] to the VAE's input (pipelines with a `vae`)."""
+        raise NotImplementedError
+
+    def to_images(self, plan: Plan, pixels: torch.Tensor) -> list[Image.Image]:
+        """The VAE's output to B images (pipelines with a `vae`)."""
+        raise NotImplementedError

@@ -196,10 +196,16 @@ class QwenImagePipeline(DiffusionPipeline):
 
     @torch.no_grad()
     def decode(self, plan: Plan, latents: torch.Tensor) -> list[Image.Image]:
+        return self.to_images(plan, self.vae.decode(self.vae_latents(plan, latents), return_dict=False)[0])
+
+    def vae_latents(self, plan: Plan, latents: torch.Tensor) -> torch.Tensor:
+        """Packed latents [B, L, C] -> the VAE's input [B, z_dim, 1, h, w], de-normalised."""
         height, width = plan.extras["height"], plan.extras["width"]
         latents = unpack_latents(latents, 2 * (height // self.unit), 2 * (width // self.unit)).to(self.vae.dtype)
         z_dim = self.vae.config.z_dim
         mean = torch.tensor(self.vae.config.latents_mean).view(1, z_dim, 1, 1, 1).to(latents)
         inv_std = 1.0 / torch.tensor(self.vae.config.latents_std).view(1, z_dim, 1, 1, 1).to(latents)
-        images = self.vae.decode(latents / inv_std + mean, return_dict=False)[0][:, :, 0]
-        return self.image_processor.postprocess(images, output_type="pil")
+        return latents / inv_std + mean
+
+    def to_images(self, plan: Plan, pixels: torch.Tensor) -> list[Image.Image]:
+        return self.image_processor.postprocess(pixels[:, :, 0], output_type="pil")

@@ -15,7 +15,7 @@ import signal
 import socket
 from pathlib import Path
 
-from cfgpar.cli_common import DEFAULT_NEGATIVE, CliError, add_layout_args
+from cfgpar.cli_common import DEFAULT_NEGATIVE, CliError, add_layout_args, parallel_config
 
 logger = logging.getLogger("cfgpar.server")
 
@@ -59,7 +59,7 @@ def add_serve_parser(subparsers) -> None:
 def run_serve(args) -> int:
     import uvicorn
 
-    from cfgpar import DiffusionParallelConfig, Omni
+    from cfgpar import Omni
     from cfgpar.models.embedded import default_model
     from cfgpar.models.loader import import_pipeline, pipeline_path, resolve_model
     from cfgpar.server.app import Server, ServerConfig, create_app
@@ -67,6 +67,7 @@ def run_serve(args) -> int:
     from cfgpar.server.worker import EngineWorker
 
     _check_args(args, CliError)
+    parallel = parallel_config(args)
     model = args.model or default_model("edit")
     folder = resolve_model(model)
     pipeline = import_pipeline(pipeline_path(folder))
@@ -87,7 +88,7 @@ def run_serve(args) -> int:
     url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
 
     def build():
-        return Omni(folder, DiffusionParallelConfig(cfg_parallel_size=args.cfg_parallel_size),
+        return Omni(folder, parallel,
                     threads_per_rank=args.threads_per_rank, device=args.device, dtype=args.dtype, progress_bar=False)
 
     def on_ready(info: dict) -> None:

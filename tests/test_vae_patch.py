@@ -1,0 +1,104 @@
+"""The VAE decode shared over ranks (vae_patch_parallel_size): on real gloo processes, 1, 2 and 4
+ranks give the one-rank tiled decode bit for bit (one thread per rank everywhere); through the
+engine, the decode shared over 2 and over 3 ranks (4 tiles dealt out differently) gives the very
+same picture. Tiling itself changes the picture (the VAE's mid-block attention sees one tile at a
+time); docs/performance.md gives the measured size of that change."""
+
+import datetime
+import multiprocessing as mp
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+from diffusers import AutoencoderKLQwenImage
+from PIL import Image
+
+from cfgpar import DiffusionParallelConfig, Omni, OmniDiffusionSamplingParams
+from cfgpar.distributed.mesh import ParallelMesh
+from cfgpar.distributed.vae_patch import parallel_tiled_decode, tile_origins, tiles_needed
+from cfgpar.engine.engine import main_module_hidden
+from cfgpar.models.image_vae import use_2d_convs_for_images
+from cfgpar.testing.tiny_models import write_tiny_qwen_image
+
+SIDE = 320  # px: 2 x 2 tiles of 256 px at a 192 px stride; the right and bottom ones cut short
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """An edit model (up to three branches, so up to three ranks) with a small condition image."""
+    return write_tiny_qwen_image(tmp_path_factory.mktemp("vae") / "edit", edit=True, vae_scale_factor=8,
+                                 max_pixels=16 * 28 * 28, options={"condition_image_area": 64 * 64})
+
+
+def load_vae(folder):
+    return use_2d_convs_for_images(AutoencoderKLQwenImage.from_pretrained(folder / "vae").eval())
+
+
+def latents(vae) -> torch.Tensor:
+    side = SIDE // vae.spatial_compression_ratio
+    return torch.randn((1, vae.config.z_dim, 1, side, side), generator=torch.Generator().manual_seed(0))
+
+
+def _rank(rank: int, size: int, port: int, folder, out) -> None:
+    torch.set_num_threads(1)
+    store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=datetime.timedelta(seconds=60))
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=size)
+    try:
+        mesh = ParallelMesh({"cfg": size}, torch.device("cpu"), vae_size=size)
+        vae = load_vae(folder)
+        pixels = parallel_tiled_decode(vae, latents(vae), mesh.vae_group, mesh.vae_size, mesh.rank)
+        out.put(pixels.numpy() if rank == 0 else rank)  # by value: a tensor would travel as a handle to this process's memory
+    finally:
+        dist.destroy_process_group()
+
+
+def decode_on(size: int, folder) -> torch.Tensor:
+    store = dist.TCPStore("127.0.0.1", 0, size + 1, is_master=True, wait_for_workers=False,
+                          timeout=datetime.timedelta(seconds=60))
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_rank, args=(r, size, store.port, folder, out)) for r in range(size)]
+    with main_module_hidden():
+        for p in procs:
+            p.start()
+    results = [out.get(timeout=300) for _ in range(size)]
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    (pixels,) = [r for r in results if isinstance(r, np.ndarray)]
+    return torch.from_numpy(pixels)
+
+
+@pytest.mark.exactness
+def test_shared_decode_is_the_one_rank_tiled_decode_bit_for_bit(folder):
+    vae = load_vae(folder)
+    z = latents(vae)
+    assert tiles_needed(vae, z) and [len(row) for row in tile_origins(vae, z)] == [2, 2]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            tiled = vae.tiled_decode(z, return_dict=False)[0]
+    finally:
+        torch.set_num_threads(threads)
+    assert tiled.shape == (1, 3, 1, SIDE, SIDE)
+    for size in (1, 2, 4):  # 4 ranks for 4 tiles, 2 ranks with two tiles each, one rank alone
+        assert torch.equal(decode_on(size, folder), tiled), size
+
+
+@pytest.mark.exactness
+def test_engine_shared_decode_same_picture_on_2_and_3_ranks_at_same_threads_per_rank(folder):
+    picture = Image.new("RGB", (64, 64), (200, 30, 30))
+    prompt = {"prompt": "a blue square", "negative_prompt": "blurry", "multi_modal_data": {"image": picture}}
+    params = OmniDiffusionSamplingParams(true_cfg_scale=4.0, num_inference_steps=2, seed=1, height=SIDE, width=SIDE)
+    outs = {}
+    # Two branches on 3 ranks: rank 2 only decodes. (3, 2): the decode's own group, ranks 0 and 1.
+    for cfg_size, vae_size in ((2, 1), (2, 2), (3, 3), (3, 2)):
+        config = DiffusionParallelConfig(cfg_parallel_size=cfg_size, vae_patch_parallel_size=vae_size)
+        with Omni(str(folder), config, threads_per_rank=1, progress_bar=False) as omni:
+            (out,) = omni.generate(prompt, params)
+        outs[cfg_size, vae_size] = np.asarray(out.images[0])
+    assert outs[2, 2].shape == (SIDE, SIDE, 3)
+    assert np.array_equal(outs[2, 2], outs[3, 3]) and np.array_equal(outs[2, 2], outs[3, 2])
+    assert not np.array_equal(outs[2, 1], outs[2, 2])  # untiled: the shared decode really ran tiled
