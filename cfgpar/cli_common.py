@@ -28,7 +28,7 @@ def add_layout_args(p: argparse.ArgumentParser) -> None:
                    help="ranks the guidance branches are spread over (default 2)")
     p.add_argument("--vae-patch-parallel-size", type=int, default=1,
                    help="ranks that share the VAE decode as tiles, for outputs over 256 px a side (default 1: "
-                        "rank 0 decodes alone, untiled; tiling changes the picture slightly)")
+                        "rank 0 decodes alone, untiled; tiling changes the picture near the tiles' seams)")
     p.add_argument("--threads-per-rank", type=int, default=None,
                    help="CPU threads per rank (default: $OMP_NUM_THREADS if set, else cores / ranks); "
                         "the same value on every run gives the same picture at any --cfg-parallel-size")

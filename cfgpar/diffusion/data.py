@@ -18,9 +18,10 @@ class DiffusionParallelConfig:
 
     vae_patch_parallel_size: int = 1
     """Ranks that share the VAE decode, from rank 0 up: the VAE's own tiled decode with its tiles
-    shared out and blended on rank 0 (bit for bit the one-rank tiled decode; within 2/255 of the
-    untiled one). 1 (default): rank 0 decodes alone, untiled. At most the world size; outputs no
-    larger than one tile (256 px a side) are decoded on rank 0 alone whatever the setting."""
+    shared out and blended on rank 0 (bit for bit the one-rank tiled decode, whatever the number of
+    ranks; tiling itself changes the picture near the seams, as diffusers' enable_tiling does).
+    1 (default): rank 0 decodes alone, untiled. At most the world size; outputs no larger than one
+    tile (256 px a side) are decoded on rank 0 alone whatever the setting."""
 
     world_size: int = field(init=False)
     """Total number of ranks: the product of all parallel degrees (derived, not set)."""
