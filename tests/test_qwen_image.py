@@ -102,6 +102,8 @@ def test_pipeline_checks_requests(t2i_folder, edit_folder, input_image):
     with omni(t2i_folder, 1) as engine:
         with pytest.raises(RequestError, match="image-edit models only"):
             engine.generate("x", OmniDiffusionSamplingParams(num_inference_steps=1, image_guidance_scale=2.0))
+        with pytest.raises(RequestError, match="num_inference_steps must be at least 2 for this model"):
+            engine.generate("x", OmniDiffusionSamplingParams(num_inference_steps=1, seed=0))
     with pytest.raises(ValueError, match="cfg_parallel_size=3 is larger than the 2 guidance branches of QwenImagePipeline"):
         omni(t2i_folder, 3)
 

@@ -99,6 +99,12 @@ class QwenImagePipeline(DiffusionPipeline):
         return self._text_guidance(request)
 
     def _text_guidance(self, request: GenerationRequest) -> Guidance:
+        terminal = self.scheduler.config.get("shift_terminal")
+        if terminal and request.params.num_inference_steps < 2:
+            # The scheduler stretches the schedule so that it ends at shift_terminal; a one-step
+            # schedule has no span to stretch and comes out NaN (a black picture), in diffusers too.
+            raise RequestError(f"num_inference_steps must be at least 2 for this model (its scheduler ends the "
+                               f"schedule at shift_terminal={terminal}), got {request.params.num_inference_steps}.")
         scale = request.params.true_cfg_scale
         positive = Branch("positive", request.prompt)
         if scale > 1 and request.negative_prompt is not None:
