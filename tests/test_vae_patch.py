@@ -4,18 +4,16 @@ engine, the decode shared over 2 and over 3 ranks (4 tiles dealt out differently
 same picture. Tiling itself changes the picture (the VAE's mid-block attention sees one tile at a
 time); docs/performance.md gives the measured size of that change."""
 
-import datetime
 import multiprocessing as mp
 
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 from diffusers import AutoencoderKLQwenImage
 from PIL import Image
 
 from cfgpar import DiffusionParallelConfig, Omni, OmniDiffusionSamplingParams
-from cfgpar.distributed.mesh import ParallelMesh
+from cfgpar.distributed.mesh import ParallelMesh, RendezvousInfo, join, leave, serve_rendezvous
 from cfgpar.distributed.vae_patch import parallel_tiled_decode, tile_origins, tiles_needed
 from cfgpar.engine.engine import main_module_hidden
 from cfgpar.models.image_vae import use_2d_convs_for_images
@@ -40,25 +38,24 @@ def latents(vae) -> torch.Tensor:
     return torch.randn((1, vae.config.z_dim, 1, side, side), generator=torch.Generator().manual_seed(0))
 
 
-def _rank(rank: int, size: int, port: int, folder, out) -> None:
+def _rank(rank: int, rendezvous: RendezvousInfo, folder, out) -> None:
     torch.set_num_threads(1)
-    store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=datetime.timedelta(seconds=60))
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=size)
+    join(rendezvous, rank, torch.device("cpu"))
+    size = rendezvous.world_size
     try:
         mesh = ParallelMesh({"cfg": size}, torch.device("cpu"), vae_size=size)
         vae = load_vae(folder)
         pixels = parallel_tiled_decode(vae, latents(vae), mesh.vae_group, mesh.vae_size, mesh.rank)
         out.put(pixels.numpy() if rank == 0 else rank)  # by value: a tensor would travel as a handle to this process's memory
     finally:
-        dist.destroy_process_group()
+        leave()
 
 
 def decode_on(size: int, folder) -> torch.Tensor:
-    store = dist.TCPStore("127.0.0.1", 0, size + 1, is_master=True, wait_for_workers=False,
-                          timeout=datetime.timedelta(seconds=60))
+    _store, rendezvous = serve_rendezvous(size)  # kept alive while the ranks join
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
-    procs = [ctx.Process(target=_rank, args=(r, size, store.port, folder, out)) for r in range(size)]
+    procs = [ctx.Process(target=_rank, args=(r, rendezvous, folder, out)) for r in range(size)]
     with main_module_hidden():
         for p in procs:
             p.start()

@@ -13,16 +13,14 @@ engine, no denoising loop, no combine rule, no scheduler step, no decode.
 
 from __future__ import annotations
 
-import datetime
 import multiprocessing as mp
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
-from cfgpar.distributed.mesh import all_gather_slots
+from cfgpar.distributed.mesh import RendezvousInfo, all_gather_slots, join, leave, serve_rendezvous
 from cfgpar.engine.engine import main_module_hidden
 
 
@@ -54,14 +52,10 @@ class BareProgram:
 
     def start(self) -> None:
         ctx = mp.get_context("spawn")
-        port = 0
-        if self.spec.ranks > 1:
-            self._store = dist.TCPStore("127.0.0.1", 0, self.spec.ranks + 1, is_master=True,
-                                        wait_for_workers=False, timeout=datetime.timedelta(seconds=60))
-            port = self._store.port
+        self._store, rendezvous = serve_rendezvous(self.spec.ranks)
         for rank in range(self.spec.ranks):
             parent, child = ctx.Pipe()
-            proc = ctx.Process(target=_rank_main, args=(self.spec, rank, port, child), daemon=True)
+            proc = ctx.Process(target=_rank_main, args=(self.spec, rank, rendezvous, child), daemon=True)
             with main_module_hidden():
                 proc.start()
             child.close()
@@ -107,22 +101,21 @@ def _expect(message: tuple, kind: str):
     return message[1]
 
 
-def _rank_main(spec: BareSpec, rank: int, port: int, conn) -> None:
+def _rank_main(spec: BareSpec, rank: int, rendezvous: RendezvousInfo, conn) -> None:
     import traceback
 
     try:
-        forwards = _setup(spec, rank, port)
+        forwards = _setup(spec, rank, rendezvous)
         conn.send(("ready", None))
         while conn.recv() == "run":
             conn.send(("done", forwards()))
     except Exception:
         conn.send(("error", traceback.format_exc()))
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        leave()
 
 
-def _setup(spec: BareSpec, rank: int, port: int):
+def _setup(spec: BareSpec, rank: int, rendezvous: RendezvousInfo):
     """Load the model, build this rank's branches' inputs; return the timed loop."""
     from cfgpar.engine.worker import quiet_libraries
     from cfgpar.models.loader import import_pipeline, pipeline_path
@@ -131,8 +124,7 @@ def _setup(spec: BareSpec, rank: int, port: int):
     quiet_libraries()
     torch.set_num_threads(spec.threads)
     if spec.ranks > 1:
-        store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=datetime.timedelta(seconds=60))
-        dist.init_process_group("gloo", store=store, rank=rank, world_size=spec.ranks)
+        join(rendezvous, rank, torch.device("cpu"))
     pipeline = import_pipeline(pipeline_path(spec.folder)).from_pretrained(
         spec.folder, device=torch.device("cpu"), dtype=torch.float32)
     request = make_request(0, spec.prompt, spec.params)

@@ -39,6 +39,14 @@ class RendezvousInfo:
     world_size: int
 
 
+def serve_rendezvous(world_size: int) -> tuple[dist.TCPStore, RendezvousInfo]:
+    """The store the ranks meet at, served from this process (keep the store alive while they
+    join). Port 0: the OS picks a free port, so engines on one machine never collide."""
+    store = dist.TCPStore("127.0.0.1", 0, world_size + 1, is_master=True, wait_for_workers=False,
+                          timeout=datetime.timedelta(seconds=60))
+    return store, RendezvousInfo("127.0.0.1", store.port, world_size)
+
+
 def join(rendezvous: RendezvousInfo, rank: int, device: torch.device) -> None:
     """Join the default process group: NCCL on CUDA devices, gloo on CPU."""
     store = dist.TCPStore(rendezvous.host, rendezvous.port, is_master=False, timeout=datetime.timedelta(seconds=60))

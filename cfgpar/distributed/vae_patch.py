@@ -6,7 +6,8 @@ with its upper and left neighbours over the 64 px overlap. Here tile k, in row-m
 decoded on rank k mod P; the decoded tiles are gathered to rank 0, which blends them with the
 VAE's own `blend_v`/`blend_h` in diffusers' order. Each tile is computed exactly as the one-rank
 tiled decode computes it, so the result is that decode's, bit for bit, for the same compute per
-rank; against the untiled decode it differs by the blending (within 2/255 per pixel).
+rank. Against the untiled decode it differs, as any tiling of this VAE does: its mid-block
+attention sees one tile at a time (README: up to 119 levels on the embedded shapes VAE).
 
 Applied from outside the model: the VAE is only called, never changed.
 """

@@ -10,7 +10,6 @@ which then refuses new work with the first failure's message.
 from __future__ import annotations
 
 import contextlib
-import datetime
 import logging
 import sys
 import time
@@ -23,7 +22,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from cfgpar.diffusion.data import DiffusionParallelConfig
-from cfgpar.distributed.mesh import RendezvousInfo, check_degrees
+from cfgpar.distributed.mesh import RendezvousInfo, check_degrees, serve_rendezvous
 from cfgpar.engine.request import GenerationRequest, GenerationResult
 from cfgpar.engine.worker import WorkerSpec, worker_main
 from cfgpar.pipelines.base import RequestError
@@ -109,7 +108,7 @@ class Engine:
         """Spawn the ranks and wait until each has joined the group and loaded the model."""
         if self._procs:
             raise EngineError("the engine is already started.")
-        rendezvous = self._serve_rendezvous()
+        self._store, rendezvous = serve_rendezvous(self.world_size)
         ctx = mp.get_context("spawn")
         with main_module_hidden():
             self._spawn(ctx, rendezvous)
@@ -135,14 +134,6 @@ class Engine:
             child.close()
             self._procs.append(proc)
             self._conns.append(parent)
-
-    def _serve_rendezvous(self) -> RendezvousInfo:
-        # Port 0: the OS picks a free port, so engines on one machine never collide.
-        self._store = dist.TCPStore(
-            "127.0.0.1", 0, self.world_size + 1, is_master=True, wait_for_workers=False,
-            timeout=datetime.timedelta(seconds=60),
-        )
-        return RendezvousInfo("127.0.0.1", self._store.port, self.world_size)
 
     def generate(self, request: GenerationRequest) -> GenerationResult:
         """Run one request on every rank; rank 0's result. Raises RequestError for a request the
