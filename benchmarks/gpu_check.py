@@ -72,7 +72,7 @@ def inputs(pipe, side: int, text_tokens: int, config: dict):
         return torch.randn(*shape, generator=gen).to(device, dtype)
 
     plan = Plan(latents=rand(1, tokens, 64), timesteps=torch.tensor([1000.0]),
-                extras={"image_latents": rand(1, tokens, 64), "img_shapes": [[grid, grid]]})
+                extras={"img_shapes": [[grid, grid]]}, token_inputs={"image_latents": rand(1, tokens, 64)})
     branches = [Branch("positive", "p"), Branch("negative", "n")]
     conds = [dict(embeds=rand(1, text_tokens, config["joint_attention_dim"]), img_shapes=[[grid, grid]])
              for _ in branches]
@@ -124,7 +124,7 @@ def main(argv=None) -> int:
               f"{time.perf_counter() - start:.1f}s", flush=True)
         plan, branches, conds = inputs(pipe, side, text_tokens, config)
         t = torch.tensor(500.0, device=device)
-        latents, cond_latents = plan.latents, plan.extras["image_latents"]
+        latents, cond_latents = plan.latents, plan.token_inputs["image_latents"]
         scale = 4.0
 
         def cfgpar_step():

@@ -330,7 +330,7 @@ def build_cache(folder: Path, cfg: Config) -> dict:
     # prepare() (one request, the stock VAE) and take the grids it reports.
     probe = shapes.random_scene(random.Random(0), "train").render(side)
     plan = pipe.prepare(_request("make it blue", probe, NEGATIVES[0]), [0])
-    ref = plan.extras["image_latents"][0]
+    ref = plan.token_inputs["image_latents"][0]
     got = encode_pictures([probe])[0]
     assert ref.shape == got.shape, (ref.shape, got.shape)
     assert torch.allclose(ref, got, atol=1e-4), (ref - got).abs().max()

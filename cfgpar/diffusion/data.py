@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 MAX_CFG_PARALLEL_SIZE = 3
+MAX_DEGREE = 256  # a sanity bound on one degree: no machine we know of has more GPUs per request
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -15,6 +16,21 @@ class DiffusionParallelConfig:
     """Ranks that split the guidance branches: 1 (off), 2 (positive on rank 0, negative on rank 1)
     or 3 (a third branch, e.g. image guidance, on rank 2). Every size gives the same picture, bit
     for bit, for the same compute per rank (threads per rank on CPU, GPU model and dtype)."""
+
+    ulysses_degree: int = 1
+    """Ranks that split each branch's image tokens along the sequence and swap sequence shards for
+    head shards around attention with all-to-alls (Ulysses). Must divide the model's attention
+    heads (checked when the model loads). Close to the one-rank picture (within 1/255), not bit for
+    bit: attention sums the same keys in blocks of a different size."""
+
+    ring_degree: int = 1
+    """Ranks that split each branch's image tokens along the sequence and pass key/value blocks
+    around a ring, merging the partial attentions by log-sum-exp (Ring). Any token count works.
+    Within 1/255 of the one-rank picture."""
+
+    sequence_parallel_size: int | None = None
+    """ulysses_degree x ring_degree, the ranks of one branch (derived; accepted if given, and then
+    it must equal that product)."""
 
     vae_patch_parallel_size: int = 1
     """Ranks that share the VAE decode, from rank 0 up: the VAE's own tiled decode with its tiles
@@ -28,14 +44,33 @@ class DiffusionParallelConfig:
 
     def __post_init__(self):
         _check_int("cfg_parallel_size", self.cfg_parallel_size, MAX_CFG_PARALLEL_SIZE)
+        _check_int("ulysses_degree", self.ulysses_degree, MAX_DEGREE)
+        _check_int("ring_degree", self.ring_degree, MAX_DEGREE)
+        sp = self.ulysses_degree * self.ring_degree
+        if self.sequence_parallel_size is not None:
+            _check_int("sequence_parallel_size", self.sequence_parallel_size, MAX_DEGREE)
+            if self.sequence_parallel_size != sp:
+                raise ValueError(
+                    f"sequence_parallel_size={self.sequence_parallel_size} disagrees with ulysses_degree="
+                    f"{self.ulysses_degree} x ring_degree={self.ring_degree} = {sp}; give the degrees, or a "
+                    "sequence_parallel_size equal to their product.")
+        object.__setattr__(self, "sequence_parallel_size", sp)
         object.__setattr__(self, "world_size", self.degrees_product())
         _check_int("vae_patch_parallel_size", self.vae_patch_parallel_size, self.world_size,
                    why=f" (the {self.world_size} rank(s) of this layout)")
 
     @property
     def degrees(self) -> dict[str, int]:
-        """Every parallel degree by mesh-dimension name, outermost first."""
-        return {"cfg": self.cfg_parallel_size}
+        """Every parallel degree by mesh-dimension name, outermost first: CFG peers strided, the
+        sequence-parallel peers of a branch adjacent (see distributed/mesh.py)."""
+        return {"cfg": self.cfg_parallel_size, "ring": self.ring_degree, "ulysses": self.ulysses_degree}
+
+    def describe(self) -> str:
+        """The layout in one phrase, e.g. "4 ranks: cfg 2 x ulysses 2"."""
+        used = [f"{name} {size}" for name, size in self.degrees.items() if size > 1] or ["1 rank, no parallelism"]
+        head = f"{self.world_size} rank{'s' if self.world_size > 1 else ''}: " if self.world_size > 1 else ""
+        vae = f", VAE decode over {self.vae_patch_parallel_size}" if self.vae_patch_parallel_size > 1 else ""
+        return head + " x ".join(used) + vae
 
     def degrees_product(self) -> int:
         product = 1

@@ -2,6 +2,19 @@
 
 Every rank builds a `ParallelMesh` once, at start-up; code that needs a collective is handed
 the mesh (or one of its groups) explicitly. Model code never sees it.
+
+The mesh's dimensions, outermost first: cfg, ring, ulysses. Global rank =
+(cfg_rank * ring + ring_rank) * ulysses + ulysses_rank, so the ranks of one branch's sequence-
+parallel group are adjacent and CFG peers are strided, as vLLM-Omni, SGLang and xDiT order them
+("tp-sp-pp-cfg-dp", inner to outer). Sequence parallelism exchanges activations in every layer,
+CFG one prediction per step: the innermost dimensions get the fastest links (the GPUs of one
+NVLink island, one host). Tensor parallelism, when it comes, is the innermost dimension ("tp"
+after "ulysses"): nothing here assumes the dimension names beyond the properties below.
+
+    8 ranks, cfg 2 x ring 2 x ulysses 2:        cfg group     {0,4} {1,5} {2,6} {3,7}
+        branch 0 (positive): ranks 0 1 2 3      ulysses group {0,1} {2,3} {4,5} {6,7}
+        branch 1 (negative): ranks 4 5 6 7      ring group    {0,2} {1,3} {4,6} {5,7}
+                                                sp group      {0,1,2,3} {4,5,6,7}
 """
 
 from __future__ import annotations
@@ -78,6 +91,7 @@ class ParallelMesh:
         self.vae_size = vae_size
         self._mesh: DeviceMesh | None = None
         self._vae_group: dist.ProcessGroup | None = None
+        self._sp_group: dist.ProcessGroup | None = None
         if world_size > 1:
             self._mesh = init_device_mesh(
                 device.type, tuple(degrees.values()), mesh_dim_names=tuple(degrees.keys())
@@ -85,18 +99,51 @@ class ParallelMesh:
         if 1 < vae_size < world_size:
             self._vae_group = dist.new_group(list(range(vae_size)))
         self.rank = dist.get_rank() if dist.is_initialized() else 0
+        if self.sp_size > 1:
+            # Every rank creates every group, in the same order, as torch requires.
+            sp = self.sp_size
+            for first in range(0, world_size, sp):
+                group = dist.new_group(list(range(first, first + sp)))
+                if first <= self.rank < first + sp:
+                    self._sp_group = group
+
+    def size(self, dim: str) -> int:
+        return self.degrees.get(dim, 1)
+
+    def local_rank(self, dim: str) -> int:
+        """This rank's index along `dim` (0 where the dimension is absent or of size 1)."""
+        return self._mesh.get_local_rank(dim) if self._mesh is not None and dim in self.degrees else 0
+
+    def group(self, dim: str) -> dist.ProcessGroup | None:
+        """The process group of this rank's peers along `dim`; None on one rank."""
+        return self._mesh.get_group(dim) if self._mesh is not None and dim in self.degrees else None
 
     @property
     def cfg_size(self) -> int:
-        return self.degrees["cfg"]
+        return self.size("cfg")
 
     @property
     def cfg_rank(self) -> int:
-        return self._mesh.get_local_rank("cfg") if self._mesh is not None else 0
+        return self.local_rank("cfg")
 
     @property
     def cfg_group(self) -> dist.ProcessGroup | None:
-        return self._mesh.get_group("cfg") if self._mesh is not None else None
+        return self.group("cfg")
+
+    @property
+    def sp_size(self) -> int:
+        """Ranks of one branch's sequence-parallel group: ring x ulysses."""
+        return self.size("ring") * self.size("ulysses")
+
+    @property
+    def sp_rank(self) -> int:
+        """Index in the sequence-parallel group; shard sp_rank of the image tokens is this rank's."""
+        return self.local_rank("ring") * self.size("ulysses") + self.local_rank("ulysses")
+
+    @property
+    def sp_group(self) -> dist.ProcessGroup | None:
+        """The ring x ulysses ranks of this rank's branch, in sp_rank order; None without SP."""
+        return self._sp_group
 
     @property
     def vae_group(self) -> dist.ProcessGroup | None:

@@ -1,11 +1,14 @@
 """The one denoising loop: N guidance branches spread over the CFG ranks, one all-gather a step.
 
-Every rank runs this function for every request. Per step, rank r predicts the branches
-`branches_of_rank(n, size, r)`, the predictions are all-gathered ([size, slots, B, L, C]),
-and every rank combines them and steps its own scheduler: the latents stay identical on every
-rank without being broadcast. Without guidance (one branch) the ranks split the request's
-outputs instead, and rank 0 gathers the final latents. Rank 0 decodes, alone or with the
-first vae_patch_parallel_size ranks each decoding a share of the VAE's tiles.
+Every rank runs this function for every request. Per step, CFG rank r predicts the branches
+`branches_of_rank(n, size, r)`, the predictions are all-gathered over the CFG group
+([size, slots, B, L, C]), and every rank combines them and steps its own scheduler: the latents
+stay identical on every CFG rank without being broadcast. Without guidance (one branch) the CFG
+ranks split the request's outputs instead. With sequence parallelism each CFG rank is a group
+of sp ranks, each holding a shard of the image tokens (L is then ceil(L / sp)) for the whole
+loop: the all-gather carries shards, the combine and the scheduler step run on the shard, and the
+full latents are gathered once, after the last step. Rank 0 decodes, alone or with the first
+vae_patch_parallel_size ranks each decoding a share of the VAE's tiles.
 
 Every branch's prediction is computed the same way whichever rank runs it and however many
 ranks there are, and the combine sees the same tensors in the same order on every rank: the
@@ -22,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from cfgpar.distributed.mesh import ParallelMesh, all_gather_slots
+from cfgpar.distributed.sequence_parallel import SequenceShards
 from cfgpar.distributed.vae_patch import parallel_tiled_decode, tiles_needed
 from cfgpar.engine.request import GenerationRequest, GenerationResult, StageMetrics
 from cfgpar.guidance import branches_of_rank, gathered_index, slots_per_rank, split_outputs
@@ -47,7 +51,9 @@ def _generate_guided(pipeline, request, guidance, mesh, progress) -> GenerationR
     metrics = StageMetrics(num_branches=len(guidance.branches))
     start = time.perf_counter()
     n, size, rank = len(guidance.branches), mesh.cfg_size, mesh.cfg_rank
-    plan = pipeline.prepare(request, list(range(request.params.num_outputs_per_prompt)))
+    full = pipeline.prepare(request, list(range(request.params.num_outputs_per_prompt)))
+    shards = SequenceShards.of(mesh)
+    plan = full.map_tokens(shards.shard)
     metrics.prepare_s = time.perf_counter() - start
     mine = branches_of_rank(n, size, rank)
     conds = {i: pipeline.encode(request, guidance.branches[i], plan) for i in mine}
@@ -58,7 +64,7 @@ def _generate_guided(pipeline, request, guidance, mesh, progress) -> GenerationR
     # Reused every step; slots past len(mine) stay zero (padding for ranks with fewer branches).
     local = latents.new_zeros((slots_per_rank(n, size), *latents.shape))
     gathered = latents.new_empty((size, *local.shape))
-    for t in _steps(plan.timesteps, progress and rank == 0):
+    for t in _steps(plan.timesteps, progress and mesh.rank == 0):
         forward_start = time.perf_counter()
         for slot, i in enumerate(mine):
             local[slot] = pipeline.predict(plan, guidance.branches[i], conds[i], latents, t)
@@ -68,8 +74,9 @@ def _generate_guided(pipeline, request, guidance, mesh, progress) -> GenerationR
         metrics.allgather_s += time.perf_counter() - gather_start
         preds = [gathered[gathered_index(i, size)] for i in range(n)]
         latents = pipeline.step(guidance.combine(preds), t, latents)
+    latents = shards.gather(latents, full.latents.shape[1])
     metrics.denoise_s = time.perf_counter() - start
-    return _decode(pipeline, plan, latents, mesh, metrics)
+    return _decode(pipeline, full, latents, mesh, metrics)
 
 
 def _generate_split(pipeline, request, mesh, progress) -> GenerationResult | None:
@@ -77,7 +84,9 @@ def _generate_split(pipeline, request, mesh, progress) -> GenerationResult | Non
     metrics = StageMetrics(num_branches=1)
     start = time.perf_counter()
     total, size, rank = request.params.num_outputs_per_prompt, mesh.cfg_size, mesh.cfg_rank
-    plan = pipeline.prepare(request, split_outputs(total, size, rank))
+    full = pipeline.prepare(request, split_outputs(total, size, rank))
+    shards = SequenceShards.of(mesh)
+    plan = full.map_tokens(shards.shard)
     metrics.prepare_s = time.perf_counter() - start
     latents = plan.latents
     if latents.shape[0]:
@@ -85,8 +94,9 @@ def _generate_split(pipeline, request, mesh, progress) -> GenerationResult | Non
         cond = pipeline.encode(request, branch, plan)
         metrics.encode_s = time.perf_counter() - start
         start = time.perf_counter()
-        for t in _steps(plan.timesteps, progress and rank == 0):
+        for t in _steps(plan.timesteps, progress and mesh.rank == 0):
             latents = pipeline.step(pipeline.predict(plan, branch, cond, latents, t), t, latents)
+    latents = shards.gather(latents, full.latents.shape[1])
     if size > 1:
         slots = -(-total // size)
         local = latents.new_zeros((slots, *latents.shape[1:]))
@@ -94,7 +104,7 @@ def _generate_split(pipeline, request, mesh, progress) -> GenerationResult | Non
         gathered = all_gather_slots(local, mesh.cfg_group, size)
         latents = torch.stack([gathered[gathered_index(j, size)] for j in range(total)])
     metrics.denoise_s = time.perf_counter() - start
-    return _decode(pipeline, plan, latents, mesh, metrics)
+    return _decode(pipeline, full, latents, mesh, metrics)
 
 
 def _decode(pipeline, plan, latents, mesh, metrics) -> GenerationResult | None:
@@ -126,7 +136,7 @@ def _steps(timesteps: torch.Tensor, show: bool):
 
 def _warn_no_guidance(request: GenerationRequest, mesh: ParallelMesh) -> None:
     global _warned_no_guidance
-    if mesh.cfg_size == 1 or mesh.cfg_rank != 0 or _warned_no_guidance:
+    if mesh.cfg_size == 1 or mesh.rank != 0 or _warned_no_guidance:
         return
     _warned_no_guidance = True
     why = (

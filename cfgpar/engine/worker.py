@@ -61,6 +61,7 @@ def _start(spec: WorkerSpec):
     import torch
 
     from cfgpar.distributed.mesh import ParallelMesh, join
+    from cfgpar.distributed.sequence_parallel import parallelize
     from cfgpar.models.loader import import_pipeline
 
     torch.set_num_threads(spec.threads)
@@ -73,6 +74,7 @@ def _start(spec: WorkerSpec):
     mesh = ParallelMesh(spec.degrees, device, vae_size=spec.vae_size)
     pipeline_cls = import_pipeline(spec.pipeline)
     pipeline = pipeline_cls.from_pretrained(spec.model_folder, device=device, dtype=getattr(torch, spec.dtype))
+    parallelize(pipeline, mesh)
     return pipeline, mesh
 
 

@@ -29,12 +29,20 @@ class Plan:
     """Per-request state shared by every rank (built from the request and its seed alone).
 
     `latents` is the initial noise of the outputs this rank denoises, packed [B, L, C];
-    `timesteps` the schedule; `extras` whatever the pipeline's predict/decode need.
+    `timesteps` the schedule; `extras` whatever the pipeline's predict/decode need;
+    `token_inputs` per-token inputs laid out like image tokens, [B, L_i, C_i], one image segment
+    each (an edit's condition-image latents): sequence parallelism hands predict the same shard
+    of them as of the latents (see distributed/sequence_parallel.py).
     """
 
     latents: torch.Tensor
     timesteps: torch.Tensor
     extras: dict[str, Any] = field(default_factory=dict)
+    token_inputs: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def map_tokens(self, fn) -> "Plan":
+        """The same plan with `fn` applied to the latents and every token input."""
+        return Plan(fn(self.latents), self.timesteps, self.extras, {k: fn(v) for k, v in self.token_inputs.items()})
 
 
 class DiffusionPipeline(ABC):

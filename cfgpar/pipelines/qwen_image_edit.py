@@ -85,7 +85,7 @@ class QwenImageEditPipeline(QwenImagePipeline):
             request, rows, height, width,
             prompt_image=resized, img_shapes=[[out_grid, cond_grid]], text_img_shapes=[[out_grid]],
         )
-        plan.extras["image_latents"] = image_latents.expand(plan.latents.shape[0], -1, -1)
+        plan.token_inputs["image_latents"] = image_latents.expand(plan.latents.shape[0], -1, -1)
         return plan
 
     def _encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -112,5 +112,5 @@ class QwenImageEditPipeline(QwenImagePipeline):
     @torch.no_grad()
     def predict(self, plan: Plan, branch: Branch, cond: dict[str, Any], latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         tokens = latents.shape[1]
-        model_input = torch.cat([latents, plan.extras["image_latents"]], dim=1) if branch.use_image else latents
+        model_input = torch.cat([latents, plan.token_inputs["image_latents"]], dim=1) if branch.use_image else latents
         return super().predict(plan, branch, cond, model_input, t)[:, :tokens]
