@@ -43,10 +43,17 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--rounds", type=int, default=5,
                        help="interleaved rounds of the headline: cfgpar and the bare program (default 5)")
     bench.add_argument("--quick", action="store_true", help="fewer sweep points and one run each (plumbing check)")
+    bench.add_argument("--sequence-parallel", action="store_true",
+                       help="only the sequence-parallel cases (Ulysses 2, Ring 2 vs 1 rank); writes bench-sp.json/.md")
     bench.add_argument("--num-layers", type=int, default=8, help="transformer blocks of the benchmark model")
     bench.add_argument("--out", default="benchmarks/results", help="where bench.json, bench.md and the plot go")
     bench.add_argument("--verbose", "-v", action="store_true")
     bench.set_defaults(run=run_bench)
+    from cfgpar.plan import add_plan_args
+
+    plan = sub.add_parser("plan", help="rank the layouts of N GPUs (cfg x ulysses x ring) by predicted time")
+    add_plan_args(plan)
+    plan.set_defaults(run=run_plan)
     try:
         from cfgpar.server.cli import add_serve_parser
     except ImportError:
@@ -105,7 +112,7 @@ def _run(args, task: str, multi_modal_data: dict, default_output: Path) -> int:
     out.images[0].save(output)
     m = out.metrics
     print(f"wrote {output} | {out.images[0].width}x{out.images[0].height}, {m.num_branches} CFG branch(es) on "
-          f"{args.cfg_parallel_size} rank(s), seed {out.seed} | encode {m.encode_s:.2f}s, denoise {m.denoise_s:.2f}s, "
+          f"{parallel.describe()}, seed {out.seed} | encode {m.encode_s:.2f}s, denoise {m.denoise_s:.2f}s, "
           f"decode {m.decode_s:.2f}s, total {m.total_s:.2f}s")
     return 0
 
@@ -117,12 +124,39 @@ def run_bench(args) -> int:
     cfg = suite.BenchConfig(num_layers=args.num_layers, runs=args.runs, headline_rounds=args.rounds, out=Path(args.out))
     if args.quick:
         cfg = suite.BenchConfig(num_layers=2, runs=1, headline_rounds=1, headline=Point(64, 4), sizes=(64, 96),
-                                sweep_steps=4, steps=(2, 4), steps_size=64, out=Path(args.out))
-    results = suite.run(cfg, log=lambda line: print(f"cfgpar bench: {line}", flush=True))
+                                sweep_steps=4, steps=(2, 4), steps_size=64, sp_sizes=(64,), sp_steps=2, sp_rounds=1,
+                                out=Path(args.out))
+    log = lambda line: print(f"cfgpar bench: {line}", flush=True)  # noqa: E731
+    if args.sequence_parallel:
+        return _bench_sequence_parallel(cfg, log)
+    results = suite.run(cfg, log=log)
     paths = report.write(results, cfg.out)
     print(report.markdown(results))
     print("wrote " + ", ".join(str(p) for p in paths))
     return 0
+
+
+def _bench_sequence_parallel(cfg, log) -> int:
+    import json
+    from dataclasses import asdict
+
+    from cfgpar.bench import sequence, suite
+
+    _, t2i_folder = suite.build_models(cfg, Path(".cache/bench"))
+    cases = suite.run_sequence_parallel(cfg, t2i_folder, log)
+    text = "\n".join([f"Machine: {suite.machine()}.", *sequence.lines(cases, cfg.sp_rounds)]) + "\n"
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    (cfg.out / "bench-sp.json").write_text(json.dumps({"machine": suite.machine(), "config": suite.jsonable(asdict(cfg)),
+                                                        "sequence_parallel": cases}, indent=2))
+    (cfg.out / "bench-sp.md").write_text(text)
+    print(text)
+    return 0
+
+
+def run_plan(args) -> int:
+    from cfgpar.plan import run
+
+    return run(args)
 
 
 def _open_image(path: str):

@@ -18,14 +18,21 @@ class CliError(Exception):
 
 def parallel_config(args: argparse.Namespace) -> DiffusionParallelConfig:
     """The layout the options of add_layout_args ask for (a ValueError names a bad one)."""
-    return DiffusionParallelConfig(cfg_parallel_size=args.cfg_parallel_size,
-                                   vae_patch_parallel_size=args.vae_patch_parallel_size)
+    return DiffusionParallelConfig(cfg_parallel_size=args.cfg_parallel_size, ulysses_degree=args.ulysses_degree,
+                                   ring_degree=args.ring_degree, vae_patch_parallel_size=args.vae_patch_parallel_size)
 
 
 def add_layout_args(p: argparse.ArgumentParser) -> None:
-    """--cfg-parallel-size, --vae-patch-parallel-size and --threads-per-rank, the same on every command."""
+    """The layout options (--cfg-parallel-size, --ulysses-degree, --ring-degree,
+    --vae-patch-parallel-size) and --threads-per-rank, the same on every command."""
     p.add_argument("--cfg-parallel-size", type=int, default=2, choices=range(1, MAX_CFG_PARALLEL_SIZE + 1),
                    help="ranks the guidance branches are spread over (default 2)")
+    p.add_argument("--ulysses-degree", type=int, default=1,
+                   help="ranks that split each branch's image tokens, Ulysses all-to-alls around attention; "
+                        "must divide the model's attention heads (default 1)")
+    p.add_argument("--ring-degree", type=int, default=1,
+                   help="ranks that split each branch's image tokens, ring attention (default 1); "
+                        "ranks in all = cfg x ulysses x ring")
     p.add_argument("--vae-patch-parallel-size", type=int, default=1,
                    help="ranks that share the VAE decode as tiles, for outputs over 256 px a side (default 1: "
                         "rank 0 decodes alone, untiled; tiling changes the picture near the tiles' seams)")

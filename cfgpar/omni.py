@@ -14,10 +14,11 @@ import torch
 from PIL import Image
 
 from cfgpar.diffusion.data import DiffusionParallelConfig
+from cfgpar.distributed.sequence_parallel import check_ulysses_degree
 from cfgpar.engine.engine import Engine, EngineConfig
 from cfgpar.engine.request import GenerationRequest
 from cfgpar.inputs.data import OmniDiffusionSamplingParams
-from cfgpar.models.loader import import_pipeline, pipeline_path, resolve_model
+from cfgpar.models.loader import import_pipeline, pipeline_path, resolve_model, transformer_config
 from cfgpar.outputs import OmniRequestOutput
 
 PromptType = str | Mapping[str, Any]
@@ -74,6 +75,9 @@ class Omni:
                 f"cfg_parallel_size={parallel_config.cfg_parallel_size} is larger than the {max_branches} guidance "
                 f"branches of {pipeline.rpartition(':')[2]}; use cfg_parallel_size <= {max_branches}."
             )
+        heads = transformer_config(folder).get("num_attention_heads")
+        if heads:  # refused here, before any process starts; the ranks check the loaded model again
+            check_ulysses_degree(heads, parallel_config.ulysses_degree)
         device = _pick_device(device, world)
         self.model = str(model)
         self.parallel_config = parallel_config
@@ -90,8 +94,9 @@ class Omni:
     @property
     def model_info(self) -> dict:
         """Facts about the loaded model: task ("edit" or "text-to-image"), max_branches,
-        size_unit (output sides are multiples of it), default_size, device (of rank 0), dtype."""
-        return dict(self.engine.model_info)
+        size_unit (output sides are multiples of it), default_size, device (of rank 0), dtype, and
+        layout: the ranks' layout in words, e.g. "4 ranks: cfg 2 x ulysses 2"."""
+        return {**self.engine.model_info, "layout": self.parallel_config.describe()}
 
     def generate(
         self,

@@ -27,3 +27,10 @@ def test_quick_bench_reports_share_of_the_bare_speedup(tmp_path):
     assert "bare program, forwards + all-gather (the machine)" in report
     assert f"**{versus['denoise_share']:.1%}**" in report and f"**{versus['end_to_end_share']:.1%}**" in report
     assert "share of the bare speedup" in done.stdout
+    # the sequence-parallel cases: Ulysses 2 and Ring 2 against one rank, with the exchange time
+    (case,) = results["sequence_parallel"]
+    for name in ("ulysses_2", "ring_2"):
+        assert case["rows"][name]["sp_exchange_s"] > 0 and case[name]["exchange_per_step_s"] > 0
+        assert abs(case[name]["share"] - case[name]["speedup"] / case["bare"]) < 1e-9
+    assert case["rows"]["cfgpar_1"]["sp_exchange_s"] == 0
+    assert "| 16 | 64 | 2 | ulysses 2 |" in report and "| 16 | 64 | 2 | ring 2 |" in report

@@ -52,9 +52,9 @@ def test_edit_on_1_and_2_ranks_same_picture_at_same_threads_per_rank(models, tmp
 def test_generate(models, tmp_path):
     out = tmp_path / "gen.png"
     done = cli("generate", "--prompt", "a blue square", "--model", models["t2i"], "--num-inference-steps", 2,
-               "--height", 48, "--width", 32, "--output", out)
+               "--height", 48, "--width", 32, "--output", out, "--cfg-parallel-size", 1, "--ring-degree", 2)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert Image.open(out).size == (32, 48)
+    assert Image.open(out).size == (32, 48) and "on 2 ranks: ring 2" in done.stdout
 
 
 @pytest.mark.parametrize("args,message", [
@@ -65,6 +65,8 @@ def test_generate(models, tmp_path):
     (["generate", "--prompt", "x", "--model", "{edit}"], "is a edit model"),
     (["generate", "--prompt", "x", "--model", "{t2i}", "--vae-patch-parallel-size", "3"],
      "vae_patch_parallel_size must be between 1 and 2 (the 2 rank(s) of this layout), got 3"),
+    (["generate", "--prompt", "x", "--model", "{t2i}", "--ulysses-degree", "4"],
+     "ulysses_degree=4 does not divide the model's 2 attention heads"),
     (["edit", "--image", "{picture}", "--prompt", "x", "--model", "{edit}", "--output", "out.txt"], "--output must end in"),
 ])
 def test_errors_are_one_line(models, tmp_path, args, message):
@@ -95,3 +97,12 @@ def test_example_scripts_same_picture_on_1_and_2_ranks_at_same_threads_per_rank(
             assert done.returncode == 0, done.stderr[-2000:]
             outs.append(pixels(out))
         assert np.array_equal(outs[0], outs[1])
+    # and with the image tokens split over two ranks (Ulysses: the same bits, see test_sequence_parallel.py)
+    out = tmp_path / "ulysses.png"
+    done = subprocess.run(
+        [sys.executable, script, "--model", models["t2i"], "--prompt", "make the circle blue", "--negative-prompt",
+         "low quality, blurry", "--cfg-scale", "4.0", "--output", out, "--cfg-parallel-size", "1", "--ulysses-degree",
+         "2", "--num-inference-steps", "2", "--threads-per-rank", "1"],
+        capture_output=True, text=True, timeout=600, cwd=script.parent)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert np.array_equal(pixels(out), outs[0])

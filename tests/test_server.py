@@ -3,7 +3,7 @@
 Three servers, started once for the module (each start costs seconds of rank start-up):
 A: edit model, cfg-parallel-size 2, API key, small limits (most tests; killed ranks; SIGINT last);
 B: edit model, cfg-parallel-size 1, short request timeout (parity with A; 504; SIGTERM mid-request);
-C: text-to-image model, cfg-parallel-size 2 (generations).
+C: text-to-image model, cfg-parallel-size 1 x ring-degree 2 (generations; idle rank death).
 """
 
 from __future__ import annotations
@@ -180,7 +180,7 @@ def server_b(models, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server_c(models, tmp_path_factory):
-    server = start("c", models["t2i"], tmp_path_factory, "--cfg-parallel-size", "2", "--default-steps", "2",
+    server = start("c", models["t2i"], tmp_path_factory, "--cfg-parallel-size", "1", "--ring-degree", "2", "--default-steps", "2",
                    "--restart-attempts", "1")
     yield server
     server.stop()
@@ -305,6 +305,7 @@ def test_openai_generate(server_c, picture):
     again = client(server_c).images.generate(prompt="a blue square", size="48x32", extra_body={"seed": 3,
                                              "num_inference_steps": 2})
     assert np.array_equal(pixels(again.data[0].b64_json), pixels(response.data[0].b64_json))
+    assert client(server_c).models.list().data[0].layout == "2 ranks: ring 2"
     with pytest.raises(openai.BadRequestError, match="text-to-image model.*generations"):
         client(server_c).images.edit(image=("in.png", picture, "image/png"), prompt=PROMPT)
 

@@ -10,8 +10,10 @@ head_dim, L = L_img + L_txt and b = 2 bytes (bf16), per transformer layer, on on
             + 4 (L_img/r + L_txt) L d/u                QK^T and PV: a Ulysses rank holds d/u of the heads, a
                                                        ring rank the queries of L_img/r (text queries on each)
     compute = flops / (throughput * eff)               throughput: fitted to a published one-H100 forward
-    ulysses = 4 a2a(b L_img/s d) + gather(b L_txt d/u)  q, k, v in and the output back; the text output's heads
-    ring    = (r-1) p2p(2 b L_img/r d/u)               the K and V blocks, NOT overlapped with compute
+    ulysses = a2a(3 b L_img/s d) + a2a(b L_img/s d)    q, k, v in (one fused all-to-all) and the output back,
+            + gather(b L_txt d/u)                      and the text output's heads (sp_attention.py)
+    ring    = (r-1) p2p(2 b L_img/r d/u)               the K and V blocks, one send a step; the engine overlaps
+                                                       each with the block before, this model does NOT
     a2a(x) = lat + x (u-1)/u / bw    gather(x) = lat + x (n-1) / bw    p2p(x) = lat + x / bw
 
 F = layers x (compute + ulysses + ring) + the embeddings. Per step the slowest CFG rank runs its
@@ -33,15 +35,22 @@ from dataclasses import dataclass, replace
 from cfgpar.bench.cost_model import GPU_SCENARIOS, RequestCosts, predict
 
 # ---- interconnects --------------------------------------------------------------------------
-NVLINK_BUS_BW = 350e9  # bytes/s; H100 SXM NVLink 4 (900 GB/s bidirectional), NCCL bus bandwidth ~360 GB/s on 8 GPUs (NVIDIA/nccl-tests#212)
-NVLINK_LATENCY_S = 12e-6  # NCCL small-message latency on H100 SXM, 10-15 us in nccl-tests (as cost_model.py)
-PCIE_BUS_BW = 25e9  # bytes/s; PCIe Gen4 x16 with P2P reaches ~25 GB/s of its 32 (Gen5: up to ~50 of 64); no switch contention modelled
-PCIE_LATENCY_S = 40e-6  # NCCL latency over PCIe P2P, 30-50 us in nccl-tests (as cost_model.py)
-SEQUENCE_PARALLEL_EFFICIENCY = 1.0  # eff: the share of the one-GPU throughput a rank keeps on 1/s of the tokens; 1 is the ideal, smaller GEMMs keep less
+# H100 SXM NVLink 4 (900 GB/s bidirectional): NCCL bus bandwidth ~360 GB/s on 8 GPUs (NVIDIA/nccl-tests#212).
+NVLINK_BUS_BW = 350e9
+# NCCL small-message latency on H100 SXM, 10-15 us in nccl-tests (as cost_model.py).
+NVLINK_LATENCY_S = 12e-6
+# PCIe Gen4 x16 with P2P reaches ~25 GB/s of its 32 (Gen5 up to ~50 of 64); no switch contention modelled.
+PCIE_BUS_BW = 25e9
+# NCCL latency over PCIe P2P, 30-50 us in nccl-tests (as cost_model.py).
+PCIE_LATENCY_S = 40e-6
+# eff: the share of the one-GPU throughput a rank keeps on 1/s of the tokens. 1 is the ideal (smaller
+# GEMMs keep less); vLLM-Omni's published CFG 2 x Ulysses 2 ratio is what eff ~ 0.8 gives (docs/performance.md).
+SEQUENCE_PARALLEL_EFFICIENCY = 1.0
 BF16 = 2  # bytes an activation element takes on the wire
 VL_PX = 28  # Qwen2.5-VL: one vision token per 28x28 px (14 px patches, 2x2 merged)
-PROMPT_TOKENS = 200  # text tokens of one prompt after the template's dropped system prefix (100-300 for typical prompts)
+PROMPT_TOKENS = 200  # text tokens of a prompt after the template's dropped system prefix (100-300 is typical)
 REFERENCE_PX = 1024  # side of the published single-GPU runs the compute and decode are fitted to
+VAE_TILE_PX = 256  # outputs no larger than one VAE tile a side are decoded on rank 0 alone (DiffusionParallelConfig)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -187,11 +196,11 @@ def forward_comm_s(shape: TransformerShape, image: int, text: int, layout: Layou
     """Seconds one rank spends communicating in one forward of a branch, none of it overlapped."""
     d, u, r, s = shape.inner_dim, layout.ulysses, layout.ring, layout.ulysses * layout.ring
     per_layer = 0.0
-    if u > 1:
-        a2a = link.latency_s + BF16 * image / s * d * (u - 1) / u / link.bus_bw
-        gather = link.latency_s + BF16 * text * d / u * (u - 1) / link.bus_bw
-        per_layer += 4 * a2a + gather
-    if r > 1:
+    if u > 1:  # two all-to-alls moving 4 activations of [L_img/s, d], then the text output's heads
+        a2a_bytes = 4 * BF16 * image / s * d * (u - 1) / u
+        gather_bytes = BF16 * text * d / u * (u - 1)
+        per_layer += 3 * link.latency_s + (a2a_bytes + gather_bytes) / link.bus_bw
+    if r > 1:  # one K+V block of [L_img/r, d/u] each to the next rank, r-1 times
         per_layer += (r - 1) * (link.latency_s + 2 * BF16 * image / r * d / u / link.bus_bw)
     return shape.num_layers * per_layer
 
@@ -238,6 +247,7 @@ def predict_layout(model: ModelSpec, load: Workload, layout: Layout, link: Inter
     ranks = [tokens[k::layout.cfg] for k in range(layout.cfg)]  # guidance.branches_of_rank's round robin
     forwards = [[(forward_flops(model.transformer, i, t, layout) / flops_s,
                   forward_comm_s(model.transformer, i, t, layout, link)) for i, t in rank] for rank in ranks]
+    # The slowest CFG rank sets the step: the others wait for it in the all-gather.
     compute, comm = max(((sum(f for f, _ in rank), sum(c for _, c in rank)) for rank in forwards), key=sum)
     gather = _allgather_s(model, load, layout, link, per_rank)
     scenario = _scenario(model)
@@ -255,6 +265,11 @@ def _allgather_s(model: ModelSpec, load: Workload, layout: Layout, link: Interco
     return link.latency_s + part * (layout.cfg - 1) / link.bus_bw
 
 
+def vae_patch_parallel_size(load: Workload, gpus: int) -> int:
+    """All the ranks share the decode, unless the output fits in one tile (then it is not shared)."""
+    return gpus if max(load.width, load.height) > VAE_TILE_PX else 1
+
+
 def layouts(gpus: int, heads: int, branches: int) -> list[Layout]:
     """Every (c, u, r) with c*u*r == gpus, c <= branches, u dividing the heads."""
     found = []
@@ -269,9 +284,9 @@ def layouts(gpus: int, heads: int, branches: int) -> list[Layout]:
 def rank_layouts(model: ModelSpec, load: Workload, gpus: int, link: Interconnect) -> list[LayoutPrediction]:
     """Every valid layout of `gpus`, fastest end to end first, with its speedup over one GPU.
 
-    The VAE decode is shared over all `gpus` ranks in every layout (vae_patch_parallel_size = gpus)."""
+    Every layout shares the VAE decode the same way: over all the ranks (vae_patch_parallel_size)."""
     one = predict_layout(model, load, Layout(), link)
-    found = [predict_layout(model, load, lay, link, vae_parallel=gpus)
+    found = [predict_layout(model, load, lay, link, vae_parallel=vae_patch_parallel_size(load, gpus))
              for lay in layouts(gpus, model.transformer.heads, load.branches)]
     found.sort(key=lambda p: (p.total_s, -p.layout.cfg, p.layout.ring))  # ties: CFG first, then Ulysses
     return [replace(p, speedup=one.total_s / p.total_s) for p in found]
@@ -299,31 +314,30 @@ def layout_table(sizes=(1024, 2048), gpu_counts=(4, 8), steps: int = 50) -> str:
     return "\n".join(rows)
 
 
-def _time(model: ModelSpec, load: Workload, layout: Layout, link: Interconnect, vae: int = 1) -> float:
-    return predict_layout(model, load, layout, link, vae_parallel=vae).total_s
+def _ratio(load: Workload, slow: Layout, fast: Layout, fast_vae: int = 1) -> tuple[float, float]:
+    """Predicted time of `slow` over that of `fast`, over NVLink and over PCIe."""
+    def ratio(link):
+        return (predict_layout(QWEN_IMAGE_EDIT, load, slow, link).total_s
+                / predict_layout(QWEN_IMAGE_EDIT, load, fast, link, vae_parallel=fast_vae).total_s)
+    return ratio(INTERCONNECTS["nvlink"]), ratio(INTERCONNECTS["pcie"])
 
 
 def peer_table() -> str:
-    """Markdown: published ratios of peers beside this model's prediction of the same ratio on H100s."""
-    nv, pcie = INTERCONNECTS["nvlink"], INTERCONNECTS["pcie"]
+    """Markdown: peers' published time ratios beside this model's prediction of the same ratio on H100s."""
     edit2048 = workload(QWEN_IMAGE_EDIT, 2048, 2048, 50)
-    u4, c2u2 = Layout(ulysses=4), Layout(cfg=2, ulysses=2)
-    c2u2r2 = Layout(cfg=2, ulysses=2, ring=2)
     # Qwen-Image-Edit-2509 gives Qwen2.5-VL the input image at 384x384 px: 188 vision tokens, not ~1337.
     plus1536 = replace(workload(QWEN_IMAGE_EDIT, 1536, 1536, 50), text_tokens=384 * 384 // VL_PX ** 2 + PROMPT_TOKENS)
+    c2u2 = Layout(cfg=2, ulysses=2)
     rows = [
-        ("xDiT: Qwen-Image-Edit 2048x2048, time of Ulysses 4 / CFG 2 x Ulysses 2", 151.9 / 101.7,
-         [_time(QWEN_IMAGE_EDIT, edit2048, u4, link) / _time(QWEN_IMAGE_EDIT, edit2048, c2u2, link) for link in (nv, pcie)]),
-        ("xDiT: SANA 4096x4096 on 8 A100s, CFG 2 x Ulysses 2 x Ring 2 over 1 GPU (model here: Qwen-Image-Edit 2048)",
-         17.551 / 3.991,
-         [_time(QWEN_IMAGE_EDIT, edit2048, Layout(), link) / _time(QWEN_IMAGE_EDIT, edit2048, c2u2r2, link, 8)
-          for link in (nv, pcie)]),
-        ("vLLM-Omni: Qwen-Image-Edit-2509 1536x1536, 1 GPU / CFG 2 x Ulysses 2 with a 4-way VAE decode", 57.0 / 19.8,
-         [_time(QWEN_IMAGE_EDIT, plus1536, Layout(), link) / _time(QWEN_IMAGE_EDIT, plus1536, c2u2, link, 4)
-          for link in (nv, pcie)]),
+        ("xDiT: Qwen-Image-Edit 2048x2048, Ulysses 4 / CFG 2 x Ulysses 2", 151.9 / 101.7,
+         _ratio(edit2048, Layout(ulysses=4), c2u2)),
+        ("xDiT: SANA 4096x4096 on 8 A100s, 1 GPU / CFG 2 x Ulysses 2 x Ring 2 (predicted: Qwen-Image-Edit 2048)",
+         17.551 / 3.991, _ratio(edit2048, Layout(), Layout(cfg=2, ulysses=2, ring=2), 8)),
+        ("vLLM-Omni: Qwen-Image-Edit-2509 1536x1536, 1 GPU / CFG 2 x Ulysses 2 and a 4-way VAE decode",
+         57.0 / 19.8, _ratio(plus1536, Layout(), c2u2, 4)),
     ]
-    out = ["| published | ratio | predicted, NVLink | predicted, PCIe |", "|---|---|---|---|"]
-    out += [f"| {name} | {pub:.2f}x | {nvr:.2f}x | {pcr:.2f}x |" for name, pub, (nvr, pcr) in rows]
+    out = ["| published time ratio | published | predicted, NVLink | predicted, PCIe |", "|---|---|---|---|"]
+    out += [f"| {name} | {pub:.2f}x | {nv:.2f}x | {pcie:.2f}x |" for name, pub, (nv, pcie) in rows]
     return "\n".join(out)
 
 

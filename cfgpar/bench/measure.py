@@ -15,7 +15,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
-STAGES = ("encode_s", "prepare_s", "denoise_s", "forward_s", "allgather_s", "decode_s", "total_s")
+STAGES = ("encode_s", "prepare_s", "denoise_s", "forward_s", "allgather_s", "sp_exchange_s", "decode_s", "total_s")
 NEGATIVE = "low quality, blurry"
 
 
@@ -57,12 +57,12 @@ def request(point: Point, edit: bool):
     return _prompt(point, edit), params
 
 
-def open_omni(folder: Path, cfg_size: int, threads: int):
+def open_omni(folder: Path, cfg_size: int, threads: int, *, ulysses: int = 1, ring: int = 1):
     """An engine for the benchmark: `threads` per rank, no progress bar. The caller closes it."""
     from cfgpar import DiffusionParallelConfig, Omni
 
-    return Omni(str(folder), DiffusionParallelConfig(cfg_parallel_size=cfg_size), threads_per_rank=threads,
-                progress_bar=False)
+    layout = DiffusionParallelConfig(cfg_parallel_size=cfg_size, ulysses_degree=ulysses, ring_degree=ring)
+    return Omni(str(folder), layout, threads_per_rank=threads, progress_bar=False)
 
 
 def cfgpar_row(omni, point: Point, edit: bool) -> dict:

@@ -6,6 +6,7 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
+from cfgpar.bench import sequence
 from cfgpar.bench.suite import Results
 
 HEADLINE_ROWS = [
@@ -51,6 +52,8 @@ def markdown(results: Results) -> str:
             f"{ref['denoise_s'] / r['denoise_s']:.2f}x | {ref['total_s'] / r['total_s']:.2f}x |"
         )
     lines += versus_bare_lines(results)
+    if results.sequence_parallel:
+        lines += sequence.lines(results.sequence_parallel, c["sp_rounds"])
     v = results.versus_diffusers
     ours, theirs = v["cfgpar_1"], v["diffusers_1"]
     lines += ["", f"Against diffusers' QwenImagePipeline on the same folder (text-to-image {v['size']} px, {v['steps']} "

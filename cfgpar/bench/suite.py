@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from cfgpar.bench import sequence
 from cfgpar.bench.cost_model import RequestCosts, speedup
 from cfgpar.bench.bare import BareProgram, BareSpec
 from cfgpar.bench.measure import (
@@ -49,6 +50,11 @@ class BenchConfig:
     """Timed requests per point and contestant (median), after one warm-up each."""
     headline_rounds: int = 5
     """Interleaved rounds of the headline (cfgpar and the bare program), after one warm-up each."""
+    sp_sizes: tuple[int, ...] = (512, 1024)
+    """Sequence-parallel cases: output sides in px (1,024 and 4,096 image tokens)."""
+    sp_steps: int = 4
+    sp_rounds: int = 3
+    """Interleaved rounds of each sequence-parallel case."""
     out: Path = Path("benchmarks/results")
 
 
@@ -60,6 +66,7 @@ class Results:
     sweep: list = field(default_factory=list)
     versus_diffusers: dict = field(default_factory=dict)
     versus_bare: dict = field(default_factory=dict)
+    sequence_parallel: list = field(default_factory=list)
 
 
 def build_models(cfg: BenchConfig, root: Path) -> tuple[Path, Path]:
@@ -89,7 +96,7 @@ def machine() -> dict:
 def run(cfg: BenchConfig, log=print) -> Results:
     started = time.perf_counter()
     edit_folder, t2i_folder = build_models(cfg, Path(".cache/bench"))
-    results = Results(machine=machine(), config=_jsonable(asdict(cfg)))
+    results = Results(machine=machine(), config=jsonable(asdict(cfg)))
     cores = results.machine["cores"]
 
     log(f"headline: edit {cfg.headline.size}px, {cfg.headline.steps} steps, cfgpar and the bare program in "
@@ -128,8 +135,20 @@ def run(cfg: BenchConfig, log=print) -> Results:
         size=cfg.headline.size, steps=cfg.headline.steps, cfgpar_1=match["cfgpar_1"],
         diffusers_1=measure_diffusers(t2i_folder, edit=False, threads=1, points=[cfg.headline], runs=cfg.runs)[0],
     )
+    results.sequence_parallel = run_sequence_parallel(cfg, t2i_folder, log)
     results.config["wall_s"] = time.perf_counter() - started
     return results
+
+
+def run_sequence_parallel(cfg: BenchConfig, t2i_folder: Path, log=print) -> list[dict]:
+    """Ulysses 2 and Ring 2 against 1 rank at each of cfg.sp_sizes (bench/sequence.py)."""
+    cases = []
+    for size in cfg.sp_sizes:
+        point = Point(size, cfg.sp_steps)
+        log(f"sequence parallelism: {point.tokens} tokens, ulysses 2, ring 2, 1 rank and the bare program in "
+            f"{cfg.sp_rounds} interleaved rounds")
+        cases.append(sequence.measure(t2i_folder, point, cfg.sp_rounds))
+    return cases
 
 
 def measure_versus_bare(folder: Path, point: Point, *, edit: bool, rounds: int) -> dict[str, list[dict]]:
@@ -187,13 +206,13 @@ def costs_from(one_rank: dict, point: Point, allgather_s: float, branches: int =
     )
 
 
-def _jsonable(value):
+def jsonable(value):
     if isinstance(value, Path):
         return str(value)
     if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
+        return {k: jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if isinstance(value, Point):
         return asdict(value)
     return value

@@ -75,6 +75,21 @@ def leave() -> None:
         dist.destroy_process_group()
 
 
+@dataclass
+class SequenceGroups:
+    """The groups sequence-parallel attention exchanges over (None on one rank), and the time
+    this rank has spent blocked in those exchanges."""
+
+    ulysses: dist.ProcessGroup | None
+    ulysses_size: int
+    ulysses_rank: int
+    ring: dist.ProcessGroup | None
+    ring_size: int
+    ring_rank: int
+    exchange_s: float = 0.0
+    """Seconds in all-to-alls, all-gathers and waits on ring transfers, since the rank started."""
+
+
 class ParallelMesh:
     """Owns the parallel degrees of this rank and their process groups.
 
@@ -106,6 +121,8 @@ class ParallelMesh:
                 group = dist.new_group(list(range(first, first + sp)))
                 if first <= self.rank < first + sp:
                     self._sp_group = group
+        self.sequence = SequenceGroups(self.group("ulysses"), self.size("ulysses"), self.local_rank("ulysses"),
+                                       self.group("ring"), self.size("ring"), self.local_rank("ring"))
 
     def size(self, dim: str) -> int:
         return self.degrees.get(dim, 1)

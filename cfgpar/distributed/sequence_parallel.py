@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from cfgpar.distributed.mesh import ParallelMesh, all_gather_slots
-from cfgpar.distributed.sp_attention import KeyBlocks, SPGroups, sp_attention
+from cfgpar.distributed.sp_attention import KeyBlocks, sp_attention
 
 
 def shard_index(length: int, parts: int, part: int) -> torch.Tensor:
@@ -134,8 +134,7 @@ class QwenImageSequenceParallel:
         config = transformer.config
         check_ulysses_degree(config.num_attention_heads, mesh.size("ulysses"))
         self.mesh = mesh
-        self.groups = SPGroups(mesh.group("ulysses"), mesh.size("ulysses"), mesh.group("ring"), mesh.size("ring"),
-                               mesh.local_rank("ring"))
+        self.groups = mesh.sequence
         self._layouts: dict[tuple[int, ...], _Layout] = {}
         self.layout: _Layout | None = None
         self._handles = [

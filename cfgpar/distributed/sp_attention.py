@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from cfgpar.distributed.mesh import all_gather_slots
+from cfgpar.distributed.mesh import SequenceGroups, all_gather_slots
 
 
 @dataclass(frozen=True)
@@ -43,27 +43,15 @@ class KeyBlocks:
     """Blocks without a single real token (possible only when the padding is most of a shard)."""
 
 
-@dataclass
-class SPGroups:
-    """The groups attention exchanges over, and the time spent exchanging (for the bench)."""
-
-    ulysses: dist.ProcessGroup | None
-    ulysses_size: int
-    ring: dist.ProcessGroup | None
-    ring_size: int
-    ring_rank: int
-    comm_s: float = 0.0
-    """Seconds spent in all-to-alls, all-gathers and waiting on ring transfers since last reset."""
-
-
-def sp_attention(q_txt, k_txt, v_txt, q_img, k_img, v_img, blocks: KeyBlocks, groups: SPGroups):
+def sp_attention(q_txt, k_txt, v_txt, q_img, k_img, v_img, blocks: KeyBlocks, groups: SequenceGroups):
     """Text [B, S, H, D] and image [B, N, H, D] q, k, v -> attention outputs, text [B, S, H, D]
     and image [B, N, H, D] (padded image queries give values the caller drops)."""
     u = groups.ulysses_size
     start = time.perf_counter()
     q_img, k_img, v_img = _seq_to_heads(torch.stack([q_img, k_img, v_img]), groups)
-    groups.comm_s += time.perf_counter() - start
-    heads = slice(_ulysses_rank(groups) * (q_txt.shape[2] // u), (_ulysses_rank(groups) + 1) * (q_txt.shape[2] // u))
+    groups.exchange_s += time.perf_counter() - start
+    h = q_txt.shape[2] // u
+    heads = slice(groups.ulysses_rank * h, (groups.ulysses_rank + 1) * h)
     q_txt, k_txt, v_txt = (x[:, :, heads] for x in (q_txt, k_txt, v_txt))
     query = torch.cat([q_txt, q_img], dim=1)
     if groups.ring_size == 1:
@@ -74,12 +62,8 @@ def sp_attention(q_txt, k_txt, v_txt, q_img, k_img, v_img, blocks: KeyBlocks, gr
     s = q_txt.shape[1]
     start = time.perf_counter()
     txt, img = _gather_heads(out[:, :s], groups), _heads_to_seq(out[:, s:], groups)
-    groups.comm_s += time.perf_counter() - start
+    groups.exchange_s += time.perf_counter() - start
     return txt, img
-
-
-def _ulysses_rank(groups: SPGroups) -> int:
-    return dist.get_rank(groups.ulysses) if groups.ulysses_size > 1 else 0
 
 
 def _kept(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
@@ -102,7 +86,7 @@ def _attend_lse(query, key, value) -> tuple[torch.Tensor, torch.Tensor]:
     return out, lse[..., : q.shape[2]].float()  # CUDA pads the lse's length to its tile
 
 
-def _ring(query, k_txt, v_txt, k_img, v_img, blocks: KeyBlocks, groups: SPGroups) -> torch.Tensor:
+def _ring(query, k_txt, v_txt, k_img, v_img, blocks: KeyBlocks, groups: SequenceGroups) -> torch.Tensor:
     r, rank = groups.ring_size, groups.ring_rank
     partials: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     kv = torch.stack([k_img, v_img]).contiguous()
@@ -117,7 +101,7 @@ def _ring(query, k_txt, v_txt, k_img, v_img, blocks: KeyBlocks, groups: SPGroups
         if pending is not None:
             start = time.perf_counter()
             kv = pending()
-            groups.comm_s += time.perf_counter() - start
+            groups.exchange_s += time.perf_counter() - start
     out, lse = partials[0]
     out = out.float()
     for j in range(1, r):
@@ -133,7 +117,7 @@ def _merge(out_a, lse_a, out_b, lse_b):
     return out, lse
 
 
-def _pass_on(kv: torch.Tensor, groups: SPGroups):
+def _pass_on(kv: torch.Tensor, groups: SequenceGroups):
     """Send `kv` to the next ring rank and receive the previous one's; returns a wait() -> tensor."""
     r, rank = groups.ring_size, groups.ring_rank
     received = torch.empty_like(kv)
@@ -149,7 +133,7 @@ def _pass_on(kv: torch.Tensor, groups: SPGroups):
     return wait
 
 
-def _seq_to_heads(qkv: torch.Tensor, groups: SPGroups):
+def _seq_to_heads(qkv: torch.Tensor, groups: SequenceGroups):
     """[3, B, N, H, D] -> three [B, U*N, h, D]: gather the sequence, scatter the heads."""
     u = groups.ulysses_size
     if u == 1:
@@ -161,7 +145,7 @@ def _seq_to_heads(qkv: torch.Tensor, groups: SPGroups):
     return recv.permute(1, 2, 0, 3, 4, 5).reshape(three, b, u * n, heads // u, d).unbind(0)
 
 
-def _heads_to_seq(x: torch.Tensor, groups: SPGroups) -> torch.Tensor:
+def _heads_to_seq(x: torch.Tensor, groups: SequenceGroups) -> torch.Tensor:
     """[B, U*N, h, D] -> [B, N, H, D]: the inverse of _seq_to_heads."""
     u = groups.ulysses_size
     if u == 1:
@@ -173,7 +157,7 @@ def _heads_to_seq(x: torch.Tensor, groups: SPGroups) -> torch.Tensor:
     return recv.permute(1, 2, 0, 3, 4).reshape(b, un // u, u * h, d)
 
 
-def _gather_heads(x: torch.Tensor, groups: SPGroups) -> torch.Tensor:
+def _gather_heads(x: torch.Tensor, groups: SequenceGroups) -> torch.Tensor:
     """Text output [B, S, h, D] -> [B, S, H, D], the same on every Ulysses rank."""
     u = groups.ulysses_size
     if u == 1:

@@ -64,6 +64,7 @@ def _generate_guided(pipeline, request, guidance, mesh, progress) -> GenerationR
     # Reused every step; slots past len(mine) stay zero (padding for ranks with fewer branches).
     local = latents.new_zeros((slots_per_rank(n, size), *latents.shape))
     gathered = latents.new_empty((size, *local.shape))
+    exchanged = mesh.sequence.exchange_s
     for t in _steps(plan.timesteps, progress and mesh.rank == 0):
         forward_start = time.perf_counter()
         for slot, i in enumerate(mine):
@@ -74,6 +75,7 @@ def _generate_guided(pipeline, request, guidance, mesh, progress) -> GenerationR
         metrics.allgather_s += time.perf_counter() - gather_start
         preds = [gathered[gathered_index(i, size)] for i in range(n)]
         latents = pipeline.step(guidance.combine(preds), t, latents)
+    metrics.sp_exchange_s = mesh.sequence.exchange_s - exchanged
     latents = shards.gather(latents, full.latents.shape[1])
     metrics.denoise_s = time.perf_counter() - start
     return _decode(pipeline, full, latents, mesh, metrics)
@@ -93,9 +95,10 @@ def _generate_split(pipeline, request, mesh, progress) -> GenerationResult | Non
         (branch,) = pipeline.guidance(request).branches
         cond = pipeline.encode(request, branch, plan)
         metrics.encode_s = time.perf_counter() - start
-        start = time.perf_counter()
+        start, exchanged = time.perf_counter(), mesh.sequence.exchange_s
         for t in _steps(plan.timesteps, progress and mesh.rank == 0):
             latents = pipeline.step(pipeline.predict(plan, branch, cond, latents, t), t, latents)
+        metrics.sp_exchange_s = mesh.sequence.exchange_s - exchanged
     latents = shards.gather(latents, full.latents.shape[1])
     if size > 1:
         slots = -(-total // size)

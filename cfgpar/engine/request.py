@@ -39,6 +39,9 @@ class StageMetrics:
     """Guidance branches the request ran with."""
     allgather_s: float = 0.0
     """Part of `denoise_s` spent in the per-step all-gather (waiting for peers included)."""
+    sp_exchange_s: float = 0.0
+    """Part of `denoise_s` rank 0 spent blocked in sequence-parallel exchanges (Ulysses
+    all-to-alls, ring transfers; 0 without sequence parallelism)."""
     forward_s: float = 0.0
     """Part of `denoise_s` spent in rank 0's transformer forwards (host time: on CUDA it counts
     launches, not kernels, since the loop does not synchronise per step)."""

@@ -71,6 +71,12 @@ def model_options(folder: Path) -> dict:
     return json.loads((Path(folder) / "model_index.json").read_text()).get("_cfgpar", {})
 
 
+def transformer_config(folder: Path) -> dict:
+    """The model's transformer/config.json ({} where it has none)."""
+    path = Path(folder) / "transformer" / "config.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def import_pipeline(path: str):
     module, _, attr = path.partition(":")
     try:

@@ -49,6 +49,8 @@ class ServerConfig:
     model_name: str
     """The id /v1/models lists; a request's `model` must be it (or absent)."""
     cfg_parallel_size: int
+    layout: str = "1 rank, no parallelism"
+    """The engine's layout in words (DiffusionParallelConfig.describe()), shown by /v1/models and /health."""
     api_key: str | None = None
     max_n: int = 4
     request_timeout_s: float = 300.0
@@ -286,12 +288,13 @@ def create_app(config: ServerConfig, worker: EngineWorker, metrics: Metrics) -> 
         return {"object": "list", "data": [{
             "id": config.model_name, "object": "model", "created": 0, "owned_by": "cfgpar",
             "task": info.get("task"), "size_unit": info.get("size_unit"), "default_size": info.get("default_size"),
-            "cfg_parallel_size": config.cfg_parallel_size, "max_n": config.max_n,
+            "cfg_parallel_size": config.cfg_parallel_size, "layout": config.layout, "max_n": config.max_n,
         }]}
 
     @app.get("/health")
     async def health():
-        body = {**worker.health(), "model": config.model_name, "cfg_parallel_size": config.cfg_parallel_size}
+        body = {**worker.health(), "model": config.model_name, "cfg_parallel_size": config.cfg_parallel_size,
+                "layout": config.layout}
         return JSONResponse(body, status_code=200 if worker.state == READY else 503)
 
     @app.get("/metrics")

@@ -76,7 +76,7 @@ def run_serve(args) -> int:
                        f"guidance branches of {pipeline.__name__}.")
     name = args.served_model_name or (Path(model).name if Path(model).expanduser().is_dir() else str(model))
     config = ServerConfig(
-        model_name=name, cfg_parallel_size=args.cfg_parallel_size,
+        model_name=name, cfg_parallel_size=args.cfg_parallel_size, layout=parallel.describe(),
         api_key=args.api_key or os.environ.get("CFGPAR_API_KEY") or None,
         max_n=args.max_n, request_timeout_s=args.request_timeout, max_image_pixels=args.max_image_pixels,
         max_output_pixels=args.max_output_pixels, max_upload_bytes=int(args.max_upload_mb * 2**20),
@@ -92,8 +92,8 @@ def run_serve(args) -> int:
                     threads_per_rank=args.threads_per_rank, device=args.device, dtype=args.dtype, progress_bar=False)
 
     def on_ready(info: dict) -> None:
-        logger.info("cfgpar serve: ready on %s | model %s (%s), cfg-parallel-size %d, rank pids %s",
-                    url, name, info.get("task"), args.cfg_parallel_size, worker.rank_pids)
+        logger.info("cfgpar serve: ready on %s | model %s (%s), %s, rank pids %s",
+                    url, name, info.get("task"), parallel.describe(), worker.rank_pids)
 
     fatal: list[str] = []
 
@@ -111,7 +111,7 @@ def run_serve(args) -> int:
     ), worker, grace_s=args.shutdown_timeout)
     if not args.no_access_log:  # uvicorn's own start-up chatter stays at "warning" unless --verbose
         logging.getLogger("uvicorn.access").setLevel(logging.INFO)
-    logger.info("cfgpar serve: listening on %s; starting %d rank(s) of %s", url, args.cfg_parallel_size, folder)
+    logger.info("cfgpar serve: listening on %s; starting %s of %s", url, parallel.describe(), folder)
     stop = _StopOnSignal()
     try:
         server.run(sockets=[sock])

@@ -27,6 +27,9 @@ def main() -> None:
     parser.add_argument("--cfg-parallel-size", type=int, default=2, choices=[1, 2, 3])
     parser.add_argument("--num-inference-steps", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--ulysses-degree", type=int, default=1,
+                        help="ranks that split each branch's image tokens (Ulysses); divides the attention heads")
+    parser.add_argument("--ring-degree", type=int, default=1, help="ranks that split each branch's image tokens (Ring)")
     parser.add_argument("--vae-patch-parallel-size", type=int, default=1,
                         help="ranks that share the VAE decode as tiles (outputs over 256 px a side)")
     parser.add_argument("--threads-per-rank", type=int, default=None,
@@ -36,7 +39,8 @@ def main() -> None:
 
     omni = Omni(
         model=args.model or str(default_model("edit")),
-        parallel_config=DiffusionParallelConfig(cfg_parallel_size=args.cfg_parallel_size,
+        parallel_config=DiffusionParallelConfig(cfg_parallel_size=args.cfg_parallel_size, ulysses_degree=args.ulysses_degree,
+                                                ring_degree=args.ring_degree,
                                                 vae_patch_parallel_size=args.vae_patch_parallel_size),
         threads_per_rank=args.threads_per_rank,
     )

@@ -1,0 +1,150 @@
+"""`cfgpar plan`: which layout of N GPUs (cfg x ulysses x ring) to run a model on, by prediction.
+
+Reads only the model's model_index.json and transformer/config.json (a local folder, or those two
+files from the Hugging Face Hub), ranks every valid layout with cfgpar/bench/layout_model.py and
+prints the table and the command line of the fastest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shlex
+from pathlib import Path
+
+from cfgpar.bench.layout_model import (
+    INTERCONNECTS,
+    QWEN_IMAGE_EDIT,
+    LayoutPrediction,
+    ModelSpec,
+    TransformerShape,
+    rank_layouts,
+    vae_patch_parallel_size,
+    workload,
+)
+from cfgpar.cli_common import CliError
+from cfgpar.diffusion.data import MAX_DEGREE
+from cfgpar.models.loader import ModelLoadError, resolve_model
+
+TASKS = {"QwenImageEditPipeline": "edit", "QwenImagePipeline": "text-to-image"}
+"""model_index.json `_class_name` -> the task `cfgpar plan` predicts for."""
+
+
+def add_plan_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--gpus", type=int, required=True, help="GPUs for one request")
+    p.add_argument("--model", default=None,
+                   help="hub id or local folder (default: Qwen/Qwen-Image-Edit's published config, offline)")
+    p.add_argument("--size", default="1024x1024", help="output WIDTHxHEIGHT in px (default 1024x1024)")
+    p.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
+    p.add_argument("--interconnect", choices=sorted(INTERCONNECTS), default="nvlink",
+                   help="between the GPUs (default nvlink: H100 SXM)")
+    p.add_argument("--image-guidance", action="store_true",
+                   help="edit only: a third, image-unconditional branch (--image-guidance-scale)")
+    p.add_argument("--verbose", "-v", action="store_true", help="tracebacks")
+
+
+def run(args: argparse.Namespace) -> int:
+    if not 1 <= args.gpus <= MAX_DEGREE:
+        raise CliError(f"--gpus must be between 1 and {MAX_DEGREE}, got {args.gpus}.")
+    if args.steps < 1:
+        raise CliError(f"--steps must be at least 1, got {args.steps}.")
+    width, height = parse_size(args.size)
+    model = load_model(args.model)
+    if args.image_guidance and model.task != "edit":
+        raise CliError(f"--image-guidance needs an edit model; {model.name} is a {model.task} model.")
+    branches = 3 if args.image_guidance else 2
+    link = INTERCONNECTS[args.interconnect]
+    load = workload(model, width, height, args.steps, branches)
+    ranked = rank_layouts(model, load, args.gpus, link)
+    print(f"{model.name} ({model.task}), {width}x{height}, {args.steps} steps, {branches} branches, "
+          f"{args.gpus} GPU(s) over {link.name}; 1 GPU: {ranked[0].total_s * ranked[0].speedup:.2f} s end to end")
+    print(table(ranked))
+    print("predicted on H100s from published one-GPU times, communication not overlapped with compute\n"
+          "(cfgpar/bench/layout_model.py): the order is what to read, not the seconds")
+    vae = vae_patch_parallel_size(load, args.gpus)
+    print("best: " + command_line(model, ranked[0], vae=vae, steps=args.steps, size=(width, height),
+                                  model_arg=args.model, image_guidance=args.image_guidance))
+    return 0
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
+    if not match or min(int(match[1]), int(match[2])) < 16:
+        raise CliError(f"--size must be WIDTHxHEIGHT in px, each at least 16 (one latent token), e.g. 2048x2048; "
+                       f"got {text!r}.")
+    return int(match[1]), int(match[2])
+
+
+# ---- the model -------------------------------------------------------------------------------
+def load_model(name: str | None) -> ModelSpec:
+    """The planner's view of a local folder or hub id; None: Qwen-Image-Edit's published config."""
+    if name is None:
+        return QWEN_IMAGE_EDIT
+    path = Path(name).expanduser()
+    if path.is_dir():
+        folder = resolve_model(path)  # checks model_index.json
+        if not (folder / "transformer" / "config.json").is_file():
+            raise ModelLoadError(f"model folder {str(path)!r} has no transformer/config.json; `cfgpar plan` reads "
+                                 "the transformer's shape from it.")
+        index, config = _read_json(folder / "model_index.json"), _read_json(folder / "transformer" / "config.json")
+    elif path.exists() or name.count("/") != 1:
+        raise ModelLoadError(f"model {name!r} is neither a model folder nor a hub repo id like 'Qwen/Qwen-Image-Edit'.")
+    else:
+        index, config = (_read_json(_hub_file(name, f)) for f in ("model_index.json", "transformer/config.json"))
+    return model_spec(name, index, config)
+
+
+def model_spec(name: str, index: dict, config: dict) -> ModelSpec:
+    """From a model_index.json and a transformer/config.json, both parsed."""
+    class_name = index.get("_class_name")
+    if class_name not in TASKS:
+        raise ModelLoadError(f"model {name!r} has pipeline {class_name!r}; `cfgpar plan` knows "
+                             f"{', '.join(sorted(TASKS))}.")
+    try:
+        shape = TransformerShape.from_config(config)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ModelLoadError(f"model {name!r}: transformer/config.json lacks or garbles {exc}; expected a "
+                             "QwenImageTransformer2DModel config.") from None
+    area = int(index.get("_cfgpar", {}).get("condition_image_area", QWEN_IMAGE_EDIT.condition_area))
+    return ModelSpec(name=name, task=TASKS[class_name], transformer=shape, condition_area=area)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot read {path} as JSON ({exc}).") from None
+
+
+def _hub_file(repo_id: str, filename: str) -> Path:
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(repo_id, filename))
+    except Exception as exc:  # noqa: BLE001  offline, unknown repo, gated, missing file: all mean "cannot get it"
+        raise ModelLoadError(f"could not fetch {filename} of {repo_id!r} from the Hugging Face Hub "
+                             f"({type(exc).__name__}); pass a local model folder instead.") from None
+
+
+# ---- output ----------------------------------------------------------------------------------
+def table(ranked: list[LayoutPrediction]) -> str:
+    rows = [f"{'rank':>4}  {'layout':<28}{'denoise s':>10}{'end to end s':>14}{'speedup':>9}{'comm':>6}"]
+    rows += [f"{i:>4}  {p.layout.describe():<28}{p.denoise_s:>10.2f}{p.total_s:>14.2f}{p.speedup:>8.2f}x"
+             f"{p.comm_share:>6.0%}" for i, p in enumerate(ranked, 1)]
+    return "\n".join(rows)
+
+
+def command_line(model: ModelSpec, best: LayoutPrediction, *, vae: int, steps: int, size: tuple[int, int],
+                 model_arg: str | None, image_guidance: bool) -> str:
+    """The `cfgpar edit|generate` command that runs the request on `best`'s layout."""
+    lay, (width, height) = best.layout, size
+    words = ["cfgpar edit --image IN.png" if model.task == "edit" else "cfgpar generate", '--prompt "..."']
+    words += [f"--cfg-parallel-size {lay.cfg}", f"--ulysses-degree {lay.ulysses}", f"--ring-degree {lay.ring}",
+              f"--vae-patch-parallel-size {vae}", f"--width {width} --height {height}",
+              f"--num-inference-steps {steps}"]
+    if image_guidance:
+        words.append("--image-guidance-scale 1.5")
+    if model_arg:
+        words.append(f"--model {shlex.quote(model_arg)}")
+    return " ".join(words)

@@ -1,0 +1,71 @@
+"""Run requests on several models under one parallel layout: one process start per layout.
+
+The ranks are real processes joined over gloo, built as the engine builds them (mesh.join,
+ParallelMesh, parallelize, the one denoising loop); unlike the engine they load several models
+in turn, so that a test of six layouts on two models starts six sets of processes, not twelve."""
+
+from __future__ import annotations
+
+import math
+import multiprocessing as mp
+
+import numpy as np
+
+
+def run_layout(degrees: dict[str, int], jobs: list[tuple[str, list]], timeout_s: float = 600) -> list[list[np.ndarray]]:
+    """degrees: {"cfg": c, "ring": r, "ulysses": u}; jobs: (model folder, [GenerationRequest, ...]).
+    Returns rank 0's first picture of every request, per job, as int16 arrays."""
+    from cfgpar.distributed.mesh import serve_rendezvous
+
+    world = math.prod(degrees.values())
+    store, rendezvous = serve_rendezvous(world)
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_rank, args=(rank, rendezvous, degrees, jobs, queue), daemon=True) for rank in range(world)]
+    for proc in procs:
+        proc.start()
+    try:
+        result = queue.get(timeout=timeout_s)
+        for proc in procs:
+            proc.join(timeout=60)
+        assert all(proc.exitcode == 0 for proc in procs), [proc.exitcode for proc in procs]
+    finally:
+        for proc in procs:
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+        del store
+    if isinstance(result, str):
+        raise AssertionError(result)
+    return result
+
+
+def _rank(rank, rendezvous, degrees, jobs, queue) -> None:
+    import traceback
+
+    import torch
+
+    from cfgpar.distributed.mesh import ParallelMesh, join, leave
+    from cfgpar.distributed.sequence_parallel import parallelize
+    from cfgpar.engine.denoise_loop import generate
+    from cfgpar.models.loader import import_pipeline, pipeline_path
+
+    torch.set_num_threads(1)
+    device = torch.device("cpu")
+    try:
+        if rendezvous.world_size > 1:
+            join(rendezvous, rank, device)
+        mesh = ParallelMesh(degrees, device)
+        pictures = []
+        for folder, requests in jobs:
+            pipeline = import_pipeline(pipeline_path(folder)).from_pretrained(folder, device=device, dtype=torch.float32)
+            parallelize(pipeline, mesh)
+            results = [generate(pipeline, request, mesh) for request in requests]
+            pictures.append([np.asarray(r.images[0], dtype=np.int16) for r in results] if rank == 0 else None)
+        if rank == 0:
+            queue.put(pictures)
+    except BaseException:
+        queue.put(f"rank {rank}:\n{traceback.format_exc()}")
+        raise SystemExit(1)
+    finally:
+        leave()

@@ -1,0 +1,139 @@
+"""Sequence parallelism (Ulysses, Ring) composed with CFG-Parallel on one mesh: real gloo ranks,
+real model code, pictures against one rank at the same threads per rank (one).
+
+Which layouts are bit-identical to one rank, and why:
+- Ulysses (ring 1), with or without CFG: every rank runs every per-token layer on its own rows,
+  and attention gathers the whole sequence for its heads and sums the keys in the one-rank order
+  (text, then image tokens by position, padding dropped): the same sums, so the same bits.
+  Asserted equal below.
+- Ring: attention over R key blocks is R partial softmaxes merged by log-sum-exp, which rounds
+  differently from one softmax over all keys. Asserted within 1/255 per pixel (the issue's bound).
+"""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cfgpar import DiffusionParallelConfig, Omni, OmniDiffusionSamplingParams
+from cfgpar.distributed.mesh import ParallelMesh
+from cfgpar.distributed.sequence_parallel import QwenImageSequenceParallel, SequenceShards, shard_index
+from cfgpar.models.embedded import EDIT_MODEL
+from cfgpar.omni import make_request
+from cfgpar.testing.tiny_models import write_tiny_qwen_image
+from sp_ranks import run_layout
+
+NEG = "low quality, blurry"
+# 80 x 112 px: 5 x 7 = 35 output tokens, divisible by neither 2 nor 4 (padded shards).
+T2I = OmniDiffusionSamplingParams(true_cfg_scale=4.0, num_inference_steps=3, seed=11, height=80, width=112)
+EDIT = OmniDiffusionSamplingParams(true_cfg_scale=4.0, num_inference_steps=3, seed=5, height=80, width=112)
+EDIT3 = OmniDiffusionSamplingParams(true_cfg_scale=4.0, num_inference_steps=3, seed=5, height=80, width=112,
+                                    image_guidance_scale=1.5)
+LAYOUTS = [(1, 2, 1), (1, 1, 2), (2, 2, 1), (2, 1, 2), (1, 2, 2), (3, 2, 1)]  # (cfg, ulysses, ring)
+
+
+@pytest.fixture(scope="module")
+def t2i_folder(tmp_path_factory):
+    return write_tiny_qwen_image(tmp_path_factory.mktemp("sp") / "t2i", edit=False, vae_scale_factor=8)
+
+
+@pytest.fixture(scope="module")
+def input_image():
+    y, x = np.mgrid[0:96, 0:128]
+    return Image.fromarray(np.stack([x * 2, y * 2, (x + y) % 256], axis=-1).astype(np.uint8))
+
+
+def _jobs(t2i_folder, image, cfg):
+    t2i = make_request(0, {"prompt": "a blue square on the left", "negative_prompt": NEG}, T2I)
+    edit = {"prompt": "make the circle blue", "negative_prompt": NEG, "multi_modal_data": {"image": image}}
+    edits = [make_request(1, edit, EDIT3)] if cfg == 3 else [make_request(1, edit, EDIT), make_request(2, edit, EDIT3)]
+    # Qwen-Image (tiny, 2 heads) and Qwen-Image-Edit (the embedded model: 4 heads, zero_cond_t)
+    return [(t2i_folder, [] if cfg == 3 else [t2i]), (EDIT_MODEL, edits)]
+
+
+def _degrees(cfg, ulysses, ring):
+    return {"cfg": cfg, "ring": ring, "ulysses": ulysses}
+
+
+def test_every_layout_within_one_level_of_one_rank_and_ulysses_bit_identical(t2i_folder, input_image):
+    reference = run_layout(_degrees(1, 1, 1), _jobs(t2i_folder, input_image, 1))
+    (t2i_ref,), (edit_ref, edit3_ref) = reference
+    for cfg, ulysses, ring in LAYOUTS:
+        got = run_layout(_degrees(cfg, ulysses, ring), _jobs(t2i_folder, input_image, cfg))
+        expected = [[], [edit3_ref]] if cfg == 3 else [[t2i_ref], [edit_ref, edit3_ref]]
+        for job, (pictures, refs) in enumerate(zip(got, expected)):
+            for picture, ref in zip(pictures, refs):
+                where = f"layout cfg {cfg} x ulysses {ulysses} x ring {ring}, job {job}"
+                assert picture.shape == ref.shape, where
+                assert np.abs(picture - ref).max() <= 1, where
+                if ring == 1:
+                    assert np.array_equal(picture, ref), where
+
+
+def test_sharded_attention_at_degree_one_is_the_plain_attention(t2i_folder):
+    """The sequence-parallel processor and hooks on one rank give the plain forward's bits."""
+    from diffusers import QwenImageTransformer2DModel
+
+    model = QwenImageTransformer2DModel.from_pretrained(t2i_folder / "transformer").eval()
+    gen = torch.Generator().manual_seed(0)
+    inputs = dict(hidden_states=torch.randn(1, 35, 16, generator=gen), encoder_hidden_states=torch.randn(1, 9, 16, generator=gen),
+                  timestep=torch.tensor([0.5]), img_shapes=[[(1, 5, 7)]], return_dict=False)
+    with torch.no_grad():
+        plain = model(**inputs)[0]
+        QwenImageSequenceParallel(model, ParallelMesh({"cfg": 1, "ring": 1, "ulysses": 1}, torch.device("cpu")))
+        sharded = model(**inputs)[0]
+    assert torch.equal(plain, sharded)
+
+
+def test_shards_cover_every_token_once_and_pad_with_the_last():
+    for length, parts in ((35, 2), (35, 4), (3, 4), (8, 2)):
+        rows = [shard_index(length, parts, p) for p in range(parts)]
+        assert all(len(r) == -(-length // parts) for r in rows)
+        flat = torch.cat(rows)
+        assert flat[:length].tolist() == list(range(length)) and set(flat[length:].tolist()) <= {length - 1}
+    shards = SequenceShards(None, 1, 0)
+    x = torch.randn(2, 35, 4)
+    assert shards.shard(x) is x and shards.gather(x, 35) is x
+
+
+def test_ulysses_degree_must_divide_the_heads(t2i_folder):
+    with pytest.raises(ValueError, match=r"ulysses_degree=4 does not divide the model's 2 attention heads"):
+        Omni(str(t2i_folder), DiffusionParallelConfig(ulysses_degree=4), threads_per_rank=1, progress_bar=False)
+
+
+def test_degrees_validated_at_construction():
+    assert DiffusionParallelConfig(cfg_parallel_size=2, ulysses_degree=2, ring_degree=2).world_size == 8
+    assert DiffusionParallelConfig(ulysses_degree=2, ring_degree=2).sequence_parallel_size == 4
+    assert DiffusionParallelConfig(ulysses_degree=2, sequence_parallel_size=2).world_size == 2
+    with pytest.raises(ValueError, match="sequence_parallel_size=4 disagrees with ulysses_degree=2 x ring_degree=1"):
+        DiffusionParallelConfig(ulysses_degree=2, sequence_parallel_size=4)
+    with pytest.raises(ValueError, match="ring_degree must be between 1"):
+        DiffusionParallelConfig(ring_degree=0)
+    assert DiffusionParallelConfig(cfg_parallel_size=2, ulysses_degree=2).describe() == "4 ranks: cfg 2 x ulysses 2"
+
+
+def test_engine_serves_a_ulysses_layout_and_a_killed_rank_fails_the_request_within_seconds(t2i_folder):
+    """Through Omni: a request on cfg 1 x ulysses 2 gives the one-rank picture; then rank 1 of
+    the sequence-parallel group dies mid-request and the caller hears of it at once."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from cfgpar.engine.engine import EngineError
+
+    prompt = {"prompt": "a blue square on the left", "negative_prompt": NEG}
+    with Omni(str(t2i_folder), DiffusionParallelConfig(ulysses_degree=2), threads_per_rank=1, progress_bar=False) as omni:
+        assert omni.model_info["layout"] == "2 ranks: ulysses 2"
+        (out,) = omni.generate(prompt, T2I)
+        reference = run_layout(_degrees(1, 1, 1), [(t2i_folder, [make_request(0, prompt, T2I)])])[0][0]
+        assert np.array_equal(np.asarray(out.images[0], dtype=np.int16), reference)
+        pids = omni.engine.pids
+        threading.Timer(1.5, os.kill, (pids[1], signal.SIGKILL)).start()
+        start = time.monotonic()
+        slow = OmniDiffusionSamplingParams(true_cfg_scale=4.0, num_inference_steps=1000, seed=1, height=80, width=112)
+        with pytest.raises(EngineError, match="rank 1 died"):
+            omni.generate(prompt, slow)
+        assert time.monotonic() - start < 15
+    time.sleep(0.5)
+    assert not [p for p in pids if os.path.exists(f"/proc/{p}")]
