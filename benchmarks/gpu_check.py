@@ -79,6 +79,22 @@ def inputs(pipe, side: int, text_tokens: int, config: dict):
     return plan, branches, conds
 
 
+def sequence_parallel_path(pipe, step, device, timer) -> dict:
+    """The sequence-parallel attention path (hooks, processor, sp_attention) at Ulysses 1 on one
+    device against the plain path it replaces: the same prediction bit for bit, and its step time.
+    Installs the hooks on pipe.transformer for good: run it last."""
+    from cfgpar.distributed.mesh import ParallelMesh
+    from cfgpar.distributed.sequence_parallel import QwenImageSequenceParallel
+
+    plain = step()
+    QwenImageSequenceParallel(pipe.transformer, ParallelMesh({"cfg": 1, "ring": 1, "ulysses": 1}, device))
+    same = torch.equal(step(), plain)
+    times = timer(step)
+    print(f"sequence-parallel path, ulysses 1: {statistics.median(times) * 1e3:8.1f} ms per CFG step; "
+          f"same prediction as the plain path bit for bit: {same}", flush=True)
+    return dict(step_s=statistics.median(times), same=same)
+
+
 def timed(fn, warmup: int, runs: int, sync) -> list[float]:
     for _ in range(warmup):
         fn()
@@ -150,6 +166,7 @@ def main(argv=None) -> int:
             results[name] = dict(step_s=statistics.median(times), min_s=min(times), peak_gib=peak)
             print(f"{name:>9}: {results[name]['step_s'] * 1e3:8.1f} ms per CFG step (2 forwards; median of "
                   f"{args.runs}, min {min(times) * 1e3:.1f}), peak {peak:.1f} GiB", flush=True)
+        sharded = sequence_parallel_path(pipe, cfgpar_step, device, lambda fn: timed(fn, args.warmup, args.runs, sync))
 
     ratio = results["cfgpar"]["step_s"] / results["diffusers"]["step_s"]
     print(f"cfgpar / diffusers per step: {ratio:.3f} (same prediction bit for bit: {same})")
@@ -160,7 +177,8 @@ def main(argv=None) -> int:
         print(f"  {link}: {d:.3f}x")
     if args.json:
         args.json.write_text(json.dumps(dict(device=str(device), dtype=str(dtype), side=side, text_tokens=text_tokens,
-                                             params=params, same=same, ratio=ratio, **results), indent=2))
+                                             params=params, same=same, ratio=ratio, sequence_parallel_ulysses_1=sharded,
+                                             **results), indent=2))
     return 0
 
 

@@ -2,7 +2,8 @@
 # The GPU check, in one call on a lent GPU machine (see docs/performance.md, "GPU check"):
 #   1. the tests that use CUDA (tests/test_cuda.py, the engine's NCCL/bf16 path);
 #   2. Qwen-Image-Edit's full-size transformer, random bf16 weights, 1024x1024: cfgpar's step
-#      against diffusers' model call (benchmarks/gpu_check.py).
+#      against diffusers' model call, then cfgpar's sequence-parallel attention path at Ulysses 1
+#      against the plain path, bit for bit, and its step time (benchmarks/gpu_check.py).
 # The machine's python3 has torch and transformers but not diffusers: `make gpu-wheels` here
 # downloads the wheels into .whl/, and the device call carries it. With --dry it runs here, on CPU.
 set -euo pipefail

@@ -144,9 +144,11 @@ def _bench_sequence_parallel(cfg, log) -> int:
 
     _, t2i_folder = suite.build_models(cfg, Path(".cache/bench"))
     cases = suite.run_sequence_parallel(cfg, t2i_folder, log)
-    text = "\n".join([f"Machine: {suite.machine()}.", *sequence.lines(cases, cfg.sp_rounds)]) + "\n"
+    m = suite.machine()
+    text = "\n".join([f"Machine: {m['cpu']}, {m['cores']} cores, {m['gpu'] or 'no GPU'}, torch {m['torch']}.",
+                      *sequence.lines(cases, cfg.sp_rounds)]) + "\n"
     cfg.out.mkdir(parents=True, exist_ok=True)
-    (cfg.out / "bench-sp.json").write_text(json.dumps({"machine": suite.machine(), "config": suite.jsonable(asdict(cfg)),
+    (cfg.out / "bench-sp.json").write_text(json.dumps({"machine": m, "config": suite.jsonable(asdict(cfg)),
                                                         "sequence_parallel": cases}, indent=2))
     (cfg.out / "bench-sp.md").write_text(text)
     print(text)

@@ -34,8 +34,8 @@ def add_layout_args(p: argparse.ArgumentParser) -> None:
                    help="ranks that split each branch's image tokens, ring attention (default 1); "
                         "ranks in all = cfg x ulysses x ring")
     p.add_argument("--vae-patch-parallel-size", type=int, default=1,
-                   help="ranks that share the VAE decode as tiles, for outputs over 256 px a side (default 1: "
-                        "rank 0 decodes alone, untiled; tiling changes the picture near the tiles' seams)")
+                   help="ranks that share the VAE decode in bands of rows, for outputs over 256 px tall "
+                        "(default 1: rank 0 decodes alone; within 2/255 of that)")
     p.add_argument("--threads-per-rank", type=int, default=None,
                    help="CPU threads per rank (default: $OMP_NUM_THREADS if set, else cores / ranks); "
                         "the same value on every run gives the same picture at any --cfg-parallel-size")

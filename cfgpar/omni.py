@@ -69,15 +69,7 @@ class Omni:
         world = parallel_config.world_size
         folder = resolve_model(model)
         pipeline = pipeline_path(folder)
-        max_branches = import_pipeline(pipeline).max_branches
-        if parallel_config.cfg_parallel_size > max_branches:
-            raise ValueError(
-                f"cfg_parallel_size={parallel_config.cfg_parallel_size} is larger than the {max_branches} guidance "
-                f"branches of {pipeline.rpartition(':')[2]}; use cfg_parallel_size <= {max_branches}."
-            )
-        heads = transformer_config(folder).get("num_attention_heads")
-        if heads:  # refused here, before any process starts; the ranks check the loaded model again
-            check_ulysses_degree(heads, parallel_config.ulysses_degree)
+        check_layout_fits(folder, pipeline, parallel_config)
         device = _pick_device(device, world)
         self.model = str(model)
         self.parallel_config = parallel_config
@@ -128,6 +120,21 @@ class Omni:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def check_layout_fits(folder: Path, pipeline: str, parallel_config: DiffusionParallelConfig) -> None:
+    """Refuse, before any process starts, a layout the model cannot run: more CFG ranks than its
+    guidance branches, or a Ulysses degree that does not divide its attention heads (the ranks
+    check the loaded model again)."""
+    max_branches = import_pipeline(pipeline).max_branches
+    if parallel_config.cfg_parallel_size > max_branches:
+        raise ValueError(
+            f"cfg_parallel_size={parallel_config.cfg_parallel_size} is larger than the {max_branches} guidance "
+            f"branches of {pipeline.rpartition(':')[2]}; use cfg_parallel_size <= {max_branches}."
+        )
+    heads = transformer_config(folder).get("num_attention_heads")
+    if heads:
+        check_ulysses_degree(heads, parallel_config.ulysses_degree)
 
 
 def make_request(request_id: int, prompt: PromptType, params: OmniDiffusionSamplingParams) -> GenerationRequest:

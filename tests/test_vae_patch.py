@@ -1,8 +1,6 @@
 """The VAE decode shared over ranks (vae_patch_parallel_size): on real gloo processes, 1, 2 and 4
-ranks give the one-rank tiled decode bit for bit (one thread per rank everywhere); through the
-engine, the decode shared over 2 and over 3 ranks (4 tiles dealt out differently) gives the very
-same picture. Tiling itself changes the picture (the VAE's mid-block attention sees one tile at a
-time); docs/performance.md gives the measured size of that change."""
+ranks give the same bytes (one thread per rank everywhere), within 2/255 of the untiled decode;
+through the engine, the decode shared over 2 and over 3 ranks gives the very same picture."""
 
 import multiprocessing as mp
 
@@ -14,12 +12,12 @@ from PIL import Image
 
 from cfgpar import DiffusionParallelConfig, Omni, OmniDiffusionSamplingParams
 from cfgpar.distributed.mesh import ParallelMesh, RendezvousInfo, join, leave, serve_rendezvous
-from cfgpar.distributed.vae_patch import parallel_tiled_decode, tile_origins, tiles_needed
+from cfgpar.distributed.vae_patch import band_rows, bands_needed, halo_rows, parallel_band_decode
 from cfgpar.engine.engine import main_module_hidden
 from cfgpar.models.image_vae import use_2d_convs_for_images
 from cfgpar.testing.tiny_models import write_tiny_qwen_image
 
-SIDE = 320  # px: 2 x 2 tiles of 256 px at a 192 px stride; the right and bottom ones cut short
+SIDE = 320  # px: 40 latent rows, in bands of 32 (one 256 px tile) and 8
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +43,7 @@ def _rank(rank: int, rendezvous: RendezvousInfo, folder, out) -> None:
     try:
         mesh = ParallelMesh({"cfg": size}, torch.device("cpu"), vae_size=size)
         vae = load_vae(folder)
-        pixels = parallel_tiled_decode(vae, latents(vae), mesh.vae_group, mesh.vae_size, mesh.rank)
+        pixels = parallel_band_decode(vae, latents(vae), mesh.vae_group, mesh.vae_size, mesh.rank)
         out.put(pixels.numpy() if rank == 0 else rank)  # by value: a tensor would travel as a handle to this process's memory
     finally:
         leave()
@@ -68,20 +66,23 @@ def decode_on(size: int, folder) -> torch.Tensor:
 
 
 @pytest.mark.exactness
-def test_shared_decode_is_the_one_rank_tiled_decode_bit_for_bit(folder):
+def test_shared_decode_same_bytes_on_1_2_4_ranks_and_within_2_levels_of_the_untiled_decode(folder):
     vae = load_vae(folder)
     z = latents(vae)
-    assert tiles_needed(vae, z) and [len(row) for row in tile_origins(vae, z)] == [2, 2]
+    # 3 upsamplings, 2 resnets of two 3x3 convs per up-block, conv_out: 4 + 1/2 + 2 + 1/4 + 1 + 1/8 + 1/2 + 1/8 rows
+    assert bands_needed(vae, z) and band_rows(vae) == 32 and halo_rows(vae) == 9
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         with torch.no_grad():
-            tiled = vae.tiled_decode(z, return_dict=False)[0]
+            untiled = vae.decode(z, return_dict=False)[0]
     finally:
         torch.set_num_threads(threads)
-    assert tiled.shape == (1, 3, 1, SIDE, SIDE)
-    for size in (1, 2, 4):  # 4 ranks for 4 tiles, 2 ranks with two tiles each, one rank alone
-        assert torch.equal(decode_on(size, folder), tiled), size
+    shared = {size: decode_on(size, folder) for size in (1, 2, 4)}  # 2 bands: one rank, one each, 2 ranks idle
+    assert shared[1].shape == untiled.shape == (1, 3, 1, SIDE, SIDE)
+    assert torch.equal(shared[1], shared[2]) and torch.equal(shared[1], shared[4])
+    levels = ((shared[1] - untiled).abs() * 127.5).max().item()  # [-1, 1] -> 0..255
+    assert levels <= 2, levels
 
 
 @pytest.mark.exactness
@@ -98,4 +99,4 @@ def test_engine_shared_decode_same_picture_on_2_and_3_ranks_at_same_threads_per_
         outs[cfg_size, vae_size] = np.asarray(out.images[0])
     assert outs[2, 2].shape == (SIDE, SIDE, 3)
     assert np.array_equal(outs[2, 2], outs[3, 3]) and np.array_equal(outs[2, 2], outs[3, 2])
-    assert not np.array_equal(outs[2, 1], outs[2, 2])  # untiled: the shared decode really ran tiled
+    assert np.abs(outs[2, 1].astype(int) - outs[2, 2]).max() <= 2  # against rank 0 decoding alone, untiled

@@ -33,11 +33,11 @@ class DiffusionParallelConfig:
     it must equal that product)."""
 
     vae_patch_parallel_size: int = 1
-    """Ranks that share the VAE decode, from rank 0 up: the VAE's own tiled decode with its tiles
-    shared out and blended on rank 0 (bit for bit the one-rank tiled decode, whatever the number of
-    ranks; tiling itself changes the picture near the seams, as diffusers' enable_tiling does).
-    1 (default): rank 0 decodes alone, untiled. At most the world size; outputs no larger than one
-    tile (256 px a side) are decoded on rank 0 alone whatever the setting."""
+    """Ranks that share the VAE decode, from rank 0 up: each runs the VAE's global mid-block on the
+    whole latents, then the up-path on bands of 256 px rows (with a halo as wide as its
+    convolutions reach), gathered on rank 0. The same bytes whatever the number of ranks, within
+    2/255 of the untiled decode. 1 (default): rank 0 decodes alone. At most the world size;
+    outputs no taller than one band (256 px) are decoded on rank 0 alone whatever the setting."""
 
     world_size: int = field(init=False)
     """Total number of ranks: the product of all parallel degrees (derived, not set)."""

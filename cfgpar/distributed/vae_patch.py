@@ -1,90 +1,93 @@
-"""The VAE decode over several ranks: the VAE's own tiled decode, its tiles shared out.
+"""The VAE decode over several ranks: bands of rows with a halo, the mid-block whole.
 
-diffusers' tiled decode (AutoencoderKLQwenImage.tiled_decode) cuts the latents into overlapping
-tiles (256 px with a 192 px stride by default), decodes each tile on its own and blends each
-with its upper and left neighbours over the 64 px overlap. Here tile k, in row-major order, is
-decoded on rank k mod P; the decoded tiles are gathered to rank 0, which blends them with the
-VAE's own `blend_v`/`blend_h` in diffusers' order. Each tile is computed exactly as the one-rank
-tiled decode computes it, so the result is that decode's, bit for bit, for the same compute per
-rank. Against the untiled decode it differs, as any tiling of this VAE does: its mid-block
-attention sees one tile at a time (README: up to 119 levels on the embedded shapes VAE).
+Qwen-Image's VAE decoder is conv_in, a mid-block (with self-attention over every latent pixel),
+up-blocks (3x3 convolutions, nearest-neighbour upsampling, per-pixel RMS norms), and a 3x3
+conv_out. Only the mid-block looks at the whole picture, and it runs at latent resolution, the
+cheap end. So every decoding rank runs conv_in and the mid-block on the whole latents, exactly
+as the untiled decode does. The costly up-path is then cut into bands of `band_rows(vae)` latent
+rows, the width of one VAE tile (256 px): band k goes to rank k mod P. Each band is decoded with
+`halo_rows(vae)` extra latent rows above and below: as many as the up-path's 3x3 convolutions
+can reach across, so that the kept rows see exactly what they see in the untiled decode. Rank 0
+gathers the bands and stacks them.
 
-Applied from outside the model: the VAE is only called, never changed.
+- **Against the untiled decode**: the same arithmetic on every kept pixel, only on a
+  convolution input of another height. That rounds within float precision (tested within 2/255).
+- **Across rank counts**: the bands do not depend on the number of ranks, so 1, 2 or 4 ranks
+  give the same bytes.
+
+diffusers' own tiled decode (tiled_decode, enable_tiling) tiles the mid-block's attention as
+well, and its tiles come out up to 119 levels off on the embedded shapes VAE. Here the VAE's
+modules are only called, in the decoder's own order, and never changed.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn as nn
 
 from cfgpar.distributed.mesh import gather_slots
 
 
-def tiles_needed(vae, z: torch.Tensor) -> bool:
-    """Whether the VAE's tiled decode would tile these latents [B, C, F, h, w] at all."""
-    ratio = vae.spatial_compression_ratio
-    return z.shape[-2] > vae.tile_sample_min_height // ratio or z.shape[-1] > vae.tile_sample_min_width // ratio
+def band_rows(vae) -> int:
+    """Latent rows per band: one VAE tile's height (tile_sample_min_height px)."""
+    return vae.tile_sample_min_height // vae.spatial_compression_ratio
 
 
-def tile_origins(vae, z: torch.Tensor) -> list[list[tuple[int, int]]]:
-    """Latent (row, column) of every tile's top-left corner, by rows, as tiled_decode visits them."""
-    ratio = vae.spatial_compression_ratio
-    stride_h, stride_w = vae.tile_sample_stride_height // ratio, vae.tile_sample_stride_width // ratio
-    return [[(i, j) for j in range(0, z.shape[-1], stride_w)] for i in range(0, z.shape[-2], stride_h)]
+def bands_needed(vae, z: torch.Tensor) -> bool:
+    """Whether latents [B, C, F, h, w] make more than one band (smaller outputs decode whole)."""
+    return z.shape[-2] > band_rows(vae)
+
+
+def halo_rows(vae) -> int:
+    """Latent rows the up-path's 3x3 convolutions reach across: each reaches kernel // 2 rows at
+    its own resolution, i.e. (kernel // 2) / scale latent rows after `scale`x upsampling."""
+    reach, scale = 0.0, 1
+    for module in [*vae.decoder.up_blocks.modules(), vae.decoder.conv_out]:
+        if isinstance(module, nn.Upsample):
+            scale *= int(module.scale_factor[0] if isinstance(module.scale_factor, tuple) else module.scale_factor)
+        elif isinstance(module, (nn.Conv2d, nn.Conv3d)):
+            reach += (module.kernel_size[-2] // 2) / scale
+    return math.ceil(reach)
 
 
 @torch.no_grad()
-def decode_tile(vae, z: torch.Tensor, i: int, j: int) -> torch.Tensor:
-    """One tile, decoded as tiled_decode decodes it: [B, 3, F, <= tile px, <= tile px]."""
-    ratio = vae.spatial_compression_ratio
-    height, width = vae.tile_sample_min_height // ratio, vae.tile_sample_min_width // ratio
-    vae.clear_cache()
-    frames = []
-    for k in range(z.shape[2]):
-        vae._conv_idx = [0]
-        tile = vae.post_quant_conv(z[:, :, k: k + 1, i: i + height, j: j + width])
-        frames.append(vae.decoder(tile, feat_cache=vae._feat_map, feat_idx=vae._conv_idx))
-    vae.clear_cache()
-    return torch.cat(frames, dim=2)
+def decode_middle(vae, z: torch.Tensor) -> torch.Tensor:
+    """post_quant_conv, conv_in and the mid-block on the whole one-frame latents [B, C, 1, h, w]."""
+    decoder = vae.decoder
+    return decoder.mid_block(decoder.conv_in(vae.post_quant_conv(z)))
 
 
-def blend(vae, rows: list[list[torch.Tensor]], height: int, width: int) -> torch.Tensor:
-    """tiled_decode's second half: blend each tile with its upper and left neighbours, keep each
-    tile's stride-sized corner, crop to the output's `height` x `width` pixels."""
-    blend_h = vae.tile_sample_min_height - vae.tile_sample_stride_height
-    blend_w = vae.tile_sample_min_width - vae.tile_sample_stride_width
-    stride_h, stride_w = vae.tile_sample_stride_height, vae.tile_sample_stride_width
-    result_rows = []
-    for i, row in enumerate(rows):
-        result_row = []
-        for j, tile in enumerate(row):
-            if i > 0:
-                tile = vae.blend_v(rows[i - 1][j], tile, blend_h)
-            if j > 0:
-                tile = vae.blend_h(row[j - 1], tile, blend_w)
-            result_row.append(tile[:, :, :, :stride_h, :stride_w])
-        result_rows.append(torch.cat(result_row, dim=-1))
-    return torch.cat(result_rows, dim=3)[:, :, :, :height, :width]
+@torch.no_grad()
+def decode_band(vae, middle: torch.Tensor, top: int, bottom: int) -> torch.Tensor:
+    """Pixel rows of latent rows [top, bottom): the up-path on those rows plus the halo, cropped,
+    clamped as the decode clamps. [B, 3, 1, (bottom - top) * ratio, W]."""
+    decoder, ratio, halo = vae.decoder, vae.spatial_compression_ratio, halo_rows(vae)
+    lo, hi = max(0, top - halo), min(middle.shape[-2], bottom + halo)
+    x = middle[..., lo:hi, :]
+    for up_block in decoder.up_blocks:
+        x = up_block(x)
+    x = decoder.conv_out(decoder.nonlinearity(decoder.norm_out(x)))
+    return x[..., (top - lo) * ratio:(bottom - lo) * ratio, :].clamp(-1.0, 1.0)
 
 
-def parallel_tiled_decode(vae, z: torch.Tensor, group, size: int, rank: int) -> torch.Tensor | None:
-    """The tiled decode of latents z [B, C, F, h, w] over `size` ranks of `group` (every one
-    calls this with the same z); rank 0 gets the pixels [B, 3, F, H, W], the others None."""
-    ratio = vae.spatial_compression_ratio
-    grid = tile_origins(vae, z)
-    flat = [origin for row in grid for origin in row]
-    mine = flat[rank::size]
-    # Edge tiles are smaller: every tile travels padded to the full tile size, [slots, B, 3, F, th, tw].
-    full = (z.shape[0], vae.config.input_channels, z.shape[2], vae.tile_sample_min_height, vae.tile_sample_min_width)
-    local = z.new_zeros((-(-len(flat) // size), *full))
-    for slot, (i, j) in enumerate(mine):
-        tile = decode_tile(vae, z, i, j)
-        local[slot, ..., : tile.shape[-2], : tile.shape[-1]] = tile
+def parallel_band_decode(vae, z: torch.Tensor, group, size: int, rank: int) -> torch.Tensor | None:
+    """The decode of one-frame latents z [B, C, 1, h, w] over `size` ranks of `group` (every one
+    calls this with the same z); rank 0 gets the pixels [B, 3, 1, H, W], the others None."""
+    rows, ratio = band_rows(vae), vae.spatial_compression_ratio
+    tops = list(range(0, z.shape[-2], rows))
+    mine = tops[rank::size]
+    # Every band travels padded to the full band height: [slots, B, 3, 1, rows * ratio, W].
+    local = z.new_zeros((-(-len(tops) // size), z.shape[0], vae.config.input_channels, 1, rows * ratio,
+                         z.shape[-1] * ratio))
+    if mine:
+        middle = decode_middle(vae, z)
+        for slot, top in enumerate(mine):
+            band = decode_band(vae, middle, top, min(top + rows, z.shape[-2]))
+            local[slot, ..., : band.shape[-2], :] = band
     gathered = gather_slots(local, group, size)
     if gathered is None:
         return None
-    height, width = z.shape[-2] * ratio, z.shape[-1] * ratio
-    tiles = {}
-    for k, (i, j) in enumerate(flat):
-        tile = gathered[k % size, k // size]
-        tiles[i, j] = tile[..., : min(height - i * ratio, full[3]), : min(width - j * ratio, full[4])].clone()
-    return blend(vae, [[tiles[o] for o in row] for row in grid], height, width)
+    bands = [gathered[k % size, k // size] for k in range(len(tops))]
+    return torch.cat(bands, dim=-2)[..., : z.shape[-2] * ratio, :]

@@ -8,7 +8,7 @@ ranks split the request's outputs instead. With sequence parallelism each CFG ra
 of sp ranks, each holding a shard of the image tokens (L is then ceil(L / sp)) for the whole
 loop: the all-gather carries shards, the combine and the scheduler step run on the shard, and the
 full latents are gathered once, after the last step. Rank 0 decodes, alone or with the first
-vae_patch_parallel_size ranks each decoding a share of the VAE's tiles.
+vae_patch_parallel_size ranks each decoding bands of rows (distributed/vae_patch.py).
 
 Every branch's prediction is computed the same way whichever rank runs it and however many
 ranks there are, and the combine sees the same tensors in the same order on every rank: the
@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from cfgpar.distributed.mesh import ParallelMesh, all_gather_slots
 from cfgpar.distributed.sequence_parallel import SequenceShards
-from cfgpar.distributed.vae_patch import parallel_tiled_decode, tiles_needed
+from cfgpar.distributed.vae_patch import bands_needed, parallel_band_decode
 from cfgpar.engine.request import GenerationRequest, GenerationResult, StageMetrics
 from cfgpar.guidance import branches_of_rank, gathered_index, slots_per_rank, split_outputs
 from cfgpar.pipelines.base import DiffusionPipeline
@@ -111,11 +111,11 @@ def _generate_split(pipeline, request, mesh, progress) -> GenerationResult | Non
 
 
 def _decode(pipeline, plan, latents, mesh, metrics) -> GenerationResult | None:
-    """Rank 0 decodes, alone or with ranks 1 .. vae_size - 1 sharing the VAE's tiles."""
+    """Rank 0 decodes, alone or with ranks 1 .. vae_size - 1 sharing the VAE's up-path in bands."""
     start = time.perf_counter()
     z = _shared_decode_input(pipeline, plan, latents, mesh)
     if z is not None:
-        pixels = parallel_tiled_decode(pipeline.vae, z, mesh.vae_group, mesh.vae_size, mesh.rank)
+        pixels = parallel_band_decode(pipeline.vae, z, mesh.vae_group, mesh.vae_size, mesh.rank)
     if mesh.rank != 0:
         return None
     images = pipeline.decode(plan, latents) if z is None else pipeline.to_images(plan, pixels)
@@ -125,12 +125,12 @@ def _decode(pipeline, plan, latents, mesh, metrics) -> GenerationResult | None:
 
 def _shared_decode_input(pipeline, plan, latents, mesh) -> torch.Tensor | None:
     """The VAE's input on the ranks that share the decode: vae_size > 1, a pipeline with a VAE,
-    and an output the VAE tiles (larger than one tile); None elsewhere. The same answer on every
-    sharing rank: they hold the same latents."""
+    and a one-frame output of more than one band (taller than one VAE tile); None elsewhere. The
+    same answer on every sharing rank: they hold the same latents."""
     if mesh.vae_size == 1 or pipeline.vae is None or mesh.rank >= mesh.vae_size:
         return None
     z = pipeline.vae_latents(plan, latents)
-    return z if tiles_needed(pipeline.vae, z) else None
+    return z if z.shape[2] == 1 and bands_needed(pipeline.vae, z) else None
 
 
 def _steps(timesteps: torch.Tensor, show: bool):

@@ -61,7 +61,8 @@ def run_serve(args) -> int:
 
     from cfgpar import Omni
     from cfgpar.models.embedded import default_model
-    from cfgpar.models.loader import import_pipeline, pipeline_path, resolve_model
+    from cfgpar.models.loader import pipeline_path, resolve_model
+    from cfgpar.omni import check_layout_fits
     from cfgpar.server.app import Server, ServerConfig, create_app
     from cfgpar.server.metrics import Metrics
     from cfgpar.server.worker import EngineWorker
@@ -70,10 +71,7 @@ def run_serve(args) -> int:
     parallel = parallel_config(args)
     model = args.model or default_model("edit")
     folder = resolve_model(model)
-    pipeline = import_pipeline(pipeline_path(folder))
-    if args.cfg_parallel_size > pipeline.max_branches:
-        raise CliError(f"--cfg-parallel-size {args.cfg_parallel_size} is more than the {pipeline.max_branches} "
-                       f"guidance branches of {pipeline.__name__}.")
+    check_layout_fits(folder, pipeline_path(folder), parallel)
     name = args.served_model_name or (Path(model).name if Path(model).expanduser().is_dir() else str(model))
     config = ServerConfig(
         model_name=name, cfg_parallel_size=args.cfg_parallel_size, layout=parallel.describe(),

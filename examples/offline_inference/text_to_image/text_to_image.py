@@ -28,7 +28,7 @@ def main() -> None:
                         help="ranks that split each branch's image tokens (Ulysses); divides the attention heads")
     parser.add_argument("--ring-degree", type=int, default=1, help="ranks that split each branch's image tokens (Ring)")
     parser.add_argument("--vae-patch-parallel-size", type=int, default=1,
-                        help="ranks that share the VAE decode as tiles (outputs over 256 px a side)")
+                        help="ranks that share the VAE decode in bands of rows (outputs over 256 px tall)")
     parser.add_argument("--threads-per-rank", type=int, default=None,
                         help="CPU threads per rank (default: $OMP_NUM_THREADS, else cores / ranks); keep it "
                              "the same to get the same picture at every --cfg-parallel-size")
