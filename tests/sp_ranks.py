@@ -14,7 +14,7 @@ import numpy as np
 
 def run_layout(degrees: dict[str, int], jobs: list[tuple[str, list]], timeout_s: float = 600) -> list[list[np.ndarray]]:
     """degrees: {"cfg": c, "ring": r, "ulysses": u}; jobs: (model folder, [GenerationRequest, ...]).
-    Returns rank 0's first picture of every request, per job, as int16 arrays."""
+    Returns rank 0's pictures of every request, per job, as int16 arrays [images, H, W, 3]."""
     from cfgpar.distributed.mesh import serve_rendezvous
 
     world = math.prod(degrees.values())
@@ -61,7 +61,8 @@ def _rank(rank, rendezvous, degrees, jobs, queue) -> None:
             pipeline = import_pipeline(pipeline_path(folder)).from_pretrained(folder, device=device, dtype=torch.float32)
             parallelize(pipeline, mesh)
             results = [generate(pipeline, request, mesh) for request in requests]
-            pictures.append([np.asarray(r.images[0], dtype=np.int16) for r in results] if rank == 0 else None)
+            pictures.append([np.stack([np.asarray(im, dtype=np.int16) for im in r.images]) for r in results]
+                            if rank == 0 else None)
         if rank == 0:
             queue.put(pictures)
     except BaseException:

@@ -67,10 +67,11 @@ class DiffusionParallelConfig:
 
     def describe(self) -> str:
         """The layout in one phrase, e.g. "4 ranks: cfg 2 x ulysses 2"."""
-        used = [f"{name} {size}" for name, size in self.degrees.items() if size > 1] or ["1 rank, no parallelism"]
-        head = f"{self.world_size} rank{'s' if self.world_size > 1 else ''}: " if self.world_size > 1 else ""
+        if self.world_size == 1:
+            return "1 rank"
+        used = " x ".join(f"{name} {size}" for name, size in self.degrees.items() if size > 1)
         vae = f", VAE decode over {self.vae_patch_parallel_size}" if self.vae_patch_parallel_size > 1 else ""
-        return head + " x ".join(used) + vae
+        return f"{self.world_size} ranks: {used}{vae}"
 
     def degrees_product(self) -> int:
         product = 1

@@ -49,7 +49,7 @@ class ServerConfig:
     model_name: str
     """The id /v1/models lists; a request's `model` must be it (or absent)."""
     cfg_parallel_size: int
-    layout: str = "1 rank, no parallelism"
+    layout: str = "1 rank"
     """The engine's layout in words (DiffusionParallelConfig.describe()), shown by /v1/models and /health."""
     api_key: str | None = None
     max_n: int = 4
