@@ -71,22 +71,31 @@ def test_text_to_image_matches_diffusers_and_same_picture_at_same_threads_per_ra
     assert np.abs(arrays(outs[1]) - expected).max() <= 1
 
 
+def test_edit_matches_diffusers(edit_folder, input_image):
+    """Against diffusers, which resizes the condition image to ~1024x1024 whatever the model says:
+    the edit folder keeps that default (most of this test's time is that VAE encode)."""
+    prompt = {"prompt": "turn the square into a triangle", "negative_prompt": NEG,
+              "multi_modal_data": {"image": input_image}}
+    params = OmniDiffusionSamplingParams(true_cfg_scale=4.0, num_inference_steps=3, seed=5, height=64, width=64)
+    with omni(edit_folder, 2) as engine:
+        (out,) = engine.generate(prompt, params)
+    ref = diffusers_pipeline(edit_folder, edit=True)(
+        image=input_image, prompt=prompt["prompt"], negative_prompt=NEG, true_cfg_scale=4.0, num_inference_steps=3,
+        height=64, width=64, generator=torch.Generator().manual_seed(5),
+    ).images
+    assert np.abs(arrays(out) - np.asarray(ref[0], dtype=np.int16)[None]).max() <= 1
+
+
 @pytest.mark.exactness
-def test_edit_matches_diffusers_and_same_picture_at_same_threads_per_rank(edit_folder, input_image):
+def test_edit_same_picture_on_1_and_2_ranks_at_same_threads_per_rank(small_condition_folder, input_image):
     prompt = {"prompt": "turn the square into a triangle", "negative_prompt": NEG,
               "multi_modal_data": {"image": input_image}}
     params = OmniDiffusionSamplingParams(true_cfg_scale=4.0, num_inference_steps=3, seed=5, height=64, width=64)
     outs = {}
     for size in (1, 2):
-        with omni(edit_folder, size) as engine:
+        with omni(small_condition_folder, size) as engine:
             (outs[size],) = engine.generate(prompt, params)
     assert np.array_equal(arrays(outs[1]), arrays(outs[2]))
-
-    ref = diffusers_pipeline(edit_folder, edit=True)(
-        image=input_image, prompt=prompt["prompt"], negative_prompt=NEG, true_cfg_scale=4.0, num_inference_steps=3,
-        height=64, width=64, generator=torch.Generator().manual_seed(5),
-    ).images
-    assert np.abs(arrays(outs[1]) - np.asarray(ref[0], dtype=np.int16)[None]).max() <= 1
 
 
 @pytest.mark.exactness
