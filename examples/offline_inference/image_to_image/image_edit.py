@@ -4,7 +4,8 @@
         --negative-prompt "low quality, blurry" --cfg-scale 4.0 --output edited_image.png --cfg-parallel-size 2
 
 Beyond the guide's flags: --threads-per-rank (pass the same value to compare cfg sizes bit for
-bit). --model defaults to cfgpar's embedded shapes model; pass "Qwen/Qwen-Image-Edit" or a local copy.
+bit), --ulysses-degree and --ring-degree (sequence parallelism), --vae-patch-parallel-size.
+--model defaults to cfgpar's embedded shapes model; pass "Qwen/Qwen-Image-Edit" or a local copy.
 """
 
 import argparse
