@@ -11,9 +11,9 @@ attention drops padded keys (sp_attention.py) and `gather` drops padded rows.
 Two halves, one rule (`shard_index`):
 - the loop's: `SequenceShards.shard` cuts the latents (and a plan's per-token inputs) once per
   request; the scheduler and the combine run on the shard; `gather` rebuilds the full latents.
-- the model's: `parallelize_qwen_image` hooks QwenImageTransformer2DModel (torchtitan's way: no
-  model code changes) so that a forward on a shard slices the rotary positions and the per-token
-  modulation index to the shard and runs its attention over the group.
+- the model's: `parallelize` hooks a pipeline's QwenImageTransformer2DModel (torchtitan's way:
+  no model code changes) so that a forward on a shard slices the rotary positions and the
+  per-token modulation index to the shard and runs its attention over the group.
 
 diffusers 0.42's own context parallelism (enable_parallelism with its _cp_plan) was tried first;
 docs/parallelism.md says what it does on gloo and why this module exists instead.
@@ -31,18 +31,18 @@ from cfgpar.distributed.mesh import ParallelMesh, all_gather_slots
 from cfgpar.distributed.sp_attention import KeyBlocks, sp_attention
 
 
-def shard_index(length: int, parts: int, part: int) -> torch.Tensor:
-    """Positions, in a segment of `length` tokens, of shard `part` of `parts` (padding repeats
-    position length - 1)."""
-    per = -(-length // parts)
-    return torch.arange(part * per, (part + 1) * per).clamp(max=length - 1)
-
-
 def shard_positions(length: int, parts: int, part: int) -> torch.Tensor:
-    """Like shard_index, with padding marked -1."""
+    """Positions, in a segment of `length` tokens, of shard `part` of `parts`: the segment padded
+    to parts * ceil(length / parts) and cut in contiguous pieces; padding marked -1."""
     per = -(-length // parts)
     pos = torch.arange(part * per, (part + 1) * per)
     return torch.where(pos < length, pos, -1)
+
+
+def shard_index(length: int, parts: int, part: int) -> torch.Tensor:
+    """shard_positions with the padding repeating the segment's last token (length - 1)."""
+    pos = shard_positions(length, parts, part)
+    return torch.where(pos >= 0, pos, length - 1)
 
 
 def check_ulysses_degree(heads: int, ulysses_degree: int) -> None:

@@ -60,10 +60,10 @@ def decode_middle(vae, z: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def decode_band(vae, middle: torch.Tensor, top: int, bottom: int) -> torch.Tensor:
-    """Pixel rows of latent rows [top, bottom): the up-path on those rows plus the halo, cropped,
-    clamped as the decode clamps. [B, 3, 1, (bottom - top) * ratio, W]."""
-    decoder, ratio, halo = vae.decoder, vae.spatial_compression_ratio, halo_rows(vae)
+def decode_band(vae, middle: torch.Tensor, top: int, bottom: int, halo: int) -> torch.Tensor:
+    """Pixel rows of latent rows [top, bottom): the up-path on those rows plus `halo` (halo_rows)
+    rows each side, cropped, clamped as the decode clamps. [B, 3, 1, (bottom - top) * ratio, W]."""
+    decoder, ratio = vae.decoder, vae.spatial_compression_ratio
     lo, hi = max(0, top - halo), min(middle.shape[-2], bottom + halo)
     x = middle[..., lo:hi, :]
     for up_block in decoder.up_blocks:
@@ -82,9 +82,9 @@ def parallel_band_decode(vae, z: torch.Tensor, group, size: int, rank: int) -> t
     local = z.new_zeros((-(-len(tops) // size), z.shape[0], vae.config.input_channels, 1, rows * ratio,
                          z.shape[-1] * ratio))
     if mine:
-        middle = decode_middle(vae, z)
+        middle, halo = decode_middle(vae, z), halo_rows(vae)
         for slot, top in enumerate(mine):
-            band = decode_band(vae, middle, top, min(top + rows, z.shape[-2]))
+            band = decode_band(vae, middle, top, min(top + rows, z.shape[-2]), halo)
             local[slot, ..., : band.shape[-2], :] = band
     gathered = gather_slots(local, group, size)
     if gathered is None:
