@@ -137,21 +137,13 @@ def run_bench(args) -> int:
 
 
 def _bench_sequence_parallel(cfg, log) -> int:
-    import json
     from dataclasses import asdict
 
-    from cfgpar.bench import sequence, suite
+    from cfgpar.bench import report, suite
 
     _, t2i_folder = suite.build_models(cfg, Path(".cache/bench"))
     cases = suite.run_sequence_parallel(cfg, t2i_folder, log)
-    m = suite.machine()
-    text = "\n".join([f"Machine: {m['cpu']}, {m['cores']} cores, {m['gpu'] or 'no GPU'}, torch {m['torch']}.",
-                      *sequence.lines(cases, cfg.sp_rounds)]) + "\n"
-    cfg.out.mkdir(parents=True, exist_ok=True)
-    (cfg.out / "bench-sp.json").write_text(json.dumps({"machine": m, "config": suite.jsonable(asdict(cfg)),
-                                                        "sequence_parallel": cases}, indent=2))
-    (cfg.out / "bench-sp.md").write_text(text)
-    print(text)
+    print(report.write_sequence_parallel(cases, suite.machine(), suite.jsonable(asdict(cfg)), cfg.out))
     return 0
 
 

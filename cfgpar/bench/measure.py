@@ -3,12 +3,14 @@ run in interleaved rounds after one warm-up each; diffusers' own pipeline; the b
 
 from __future__ import annotations
 
+import contextlib
 import json
 import statistics
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -84,6 +86,24 @@ def interleaved(contestants: dict[str, Callable[[], dict]], rounds: int) -> dict
         for name, run in contestants.items():
             rows[name].append(run())
     return rows
+
+
+def beside_bare(folder: Path, point: Point, *, edit: bool, engines: dict[str, dict], rounds: int) -> dict[str, list[dict]]:
+    """cfgpar engines (name -> open_omni's arguments) and the bare program on one process and on
+    two ("bare_1", "bare_2"), all started at once and run in interleaved rounds: each
+    contestant's rows, in round order."""
+    from cfgpar.bench.bare import BareProgram, BareSpec
+
+    prompt, params = request(point, edit)
+    with contextlib.ExitStack() as stack:
+        contestants = {}
+        for name, layout in engines.items():
+            omni = stack.enter_context(open_omni(folder, **layout))
+            contestants[name] = partial(cfgpar_row, omni, point, edit)
+        for ranks in (1, 2):
+            bare = stack.enter_context(BareProgram(BareSpec(folder=folder, prompt=prompt, params=params, ranks=ranks)))
+            contestants[f"bare_{ranks}"] = bare.run
+        return interleaved(contestants, rounds)
 
 
 def median_row(rows: list[dict]) -> dict:

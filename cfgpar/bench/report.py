@@ -27,11 +27,25 @@ def write(results: Results, out: Path) -> list[Path]:
     return paths + ([plot] if plot else [])
 
 
+def write_sequence_parallel(cases: list[dict], machine: dict, config: dict, out: Path) -> str:
+    """`cfgpar bench --sequence-parallel`'s bench-sp.json (everything) and bench-sp.md; returns the Markdown."""
+    text = "\n".join([machine_line(machine), *sequence.lines(cases, config["sp_rounds"])]) + "\n"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench-sp.json").write_text(json.dumps({"machine": machine, "config": config, "sequence_parallel": cases},
+                                                  indent=2))
+    (out / "bench-sp.md").write_text(text)
+    return text
+
+
+def machine_line(m: dict) -> str:
+    return f"Machine: {m['cpu']}, {m['cores']} cores, {m['gpu'] or 'no GPU'}, torch {m['torch']}."
+
+
 def markdown(results: Results) -> str:
     m, c, h = results.machine, results.config, results.headline
     base = h["cfgpar_1"]
     lines = [
-        f"Machine: {m['cpu']}, {m['cores']} cores, {m['gpu'] or 'no GPU'}, torch {m['torch']}.",
+        machine_line(m),
         f"Model: Qwen-Image-Edit architecture, random weights, {c['num_layers']} blocks of {c['heads']}x{c['head_dim']}; "
         f"edit at {c['headline']['size']}x{c['headline']['size']} px, {c['headline']['steps']} steps, true CFG "
         f"(scale 4 + negative prompt); median of {c['headline_rounds']} interleaved rounds after a warm-up.",

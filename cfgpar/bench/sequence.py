@@ -9,13 +9,10 @@ time rank 0 spent blocked in all-to-alls and ring transfers is reported per step
 
 from __future__ import annotations
 
-import contextlib
 import statistics
-from functools import partial
 from pathlib import Path
 
-from cfgpar.bench.bare import BareProgram, BareSpec
-from cfgpar.bench.measure import Point, cfgpar_row, interleaved, median_row, open_omni, request
+from cfgpar.bench.measure import Point, beside_bare, median_row
 
 LAYOUTS = {"cfgpar_1": (1, 1), "ulysses_2": (2, 1), "ring_2": (1, 2)}
 """Contestant -> (ulysses_degree, ring_degree), at cfg_parallel_size 1."""
@@ -23,16 +20,9 @@ LAYOUTS = {"cfgpar_1": (1, 1), "ulysses_2": (2, 1), "ring_2": (1, 2)}
 
 def measure(folder: Path, point: Point, rounds: int) -> dict:
     """One token count: every contestant's median row and the per-round shares of the bare ratio."""
-    prompt, params = request(point, edit=False)
-    with contextlib.ExitStack() as stack:
-        contestants = {}
-        for name, (ulysses, ring) in LAYOUTS.items():
-            omni = stack.enter_context(open_omni(folder, 1, 1, ulysses=ulysses, ring=ring))
-            contestants[name] = partial(cfgpar_row, omni, point, False)
-        for ranks in (1, 2):
-            bare = stack.enter_context(BareProgram(BareSpec(folder=folder, prompt=prompt, params=params, ranks=ranks)))
-            contestants[f"bare_{ranks}"] = bare.run
-        rows = interleaved(contestants, rounds)
+    engines = {name: dict(cfg_size=1, threads=1, ulysses=ulysses, ring=ring)
+               for name, (ulysses, ring) in LAYOUTS.items()}
+    rows = beside_bare(folder, point, edit=False, engines=engines, rounds=rounds)
     result = dict(size=point.size, tokens=point.tokens, steps=point.steps,
                   rows={name: median_row(r) for name, r in rows.items()})
     for name in ("ulysses_2", "ring_2"):

@@ -7,7 +7,6 @@ plot under benchmarks/results/."""
 
 from __future__ import annotations
 
-import contextlib
 import platform
 import statistics
 import time
@@ -19,9 +18,8 @@ import torch
 
 from cfgpar.bench import sequence
 from cfgpar.bench.cost_model import RequestCosts, speedup
-from cfgpar.bench.bare import BareProgram, BareSpec
 from cfgpar.bench.measure import (
-    Point, cfgpar_row, interleaved, measure_allgather, measure_diffusers, median_row, open_omni, request,
+    Point, beside_bare, cfgpar_row, interleaved, measure_allgather, measure_diffusers, median_row, open_omni,
 )
 from cfgpar.omni import available_cores
 
@@ -152,19 +150,11 @@ def run_sequence_parallel(cfg: BenchConfig, t2i_folder: Path, log=print) -> list
 
 
 def measure_versus_bare(folder: Path, point: Point, *, edit: bool, rounds: int) -> dict[str, list[dict]]:
-    """cfgpar at cfg sizes 1 and 2 (one thread per rank) and at size 1 on all the threads, and
-    the bare program on one process and on two, all started at once and run in interleaved
-    rounds. Each contestant's rows, in round order."""
-    prompt, params = request(point, edit)
-    with contextlib.ExitStack() as stack:
-        contestants = {}
-        for name, size, threads in (("cfgpar_1", 1, 1), ("cfgpar_2", 2, 1), ("cfgpar_1_all_threads", 1, 2)):
-            omni = stack.enter_context(open_omni(folder, size, threads))
-            contestants[name] = partial(cfgpar_row, omni, point, edit)
-        for ranks in (1, 2):
-            bare = stack.enter_context(BareProgram(BareSpec(folder=folder, prompt=prompt, params=params, ranks=ranks)))
-            contestants[f"bare_{ranks}"] = bare.run
-        return interleaved(contestants, rounds)
+    """cfgpar at cfg sizes 1 and 2 (one thread per rank) and at size 1 on all the threads, beside
+    the bare program on one process and on two. Each contestant's rows, in round order."""
+    engines = {"cfgpar_1": dict(cfg_size=1, threads=1), "cfgpar_2": dict(cfg_size=2, threads=1),
+               "cfgpar_1_all_threads": dict(cfg_size=1, threads=2)}
+    return beside_bare(folder, point, edit=edit, engines=engines, rounds=rounds)
 
 
 def measure_pair(folder: Path, point: Point, *, edit: bool, sizes: tuple[int, int], rounds: int) -> list[dict]:
