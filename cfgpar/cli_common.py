@@ -22,10 +22,11 @@ def parallel_config(args: argparse.Namespace) -> DiffusionParallelConfig:
                                    ring_degree=args.ring_degree, vae_patch_parallel_size=args.vae_patch_parallel_size)
 
 
-def add_layout_args(p: argparse.ArgumentParser) -> None:
+def add_layout_args(p: argparse.ArgumentParser, max_cfg: int = MAX_CFG_PARALLEL_SIZE) -> None:
     """The layout options (--cfg-parallel-size, --ulysses-degree, --ring-degree,
-    --vae-patch-parallel-size) and --threads-per-rank, the same on every command."""
-    p.add_argument("--cfg-parallel-size", type=int, default=2, choices=range(1, MAX_CFG_PARALLEL_SIZE + 1),
+    --vae-patch-parallel-size) and --threads-per-rank, the same on every command and example
+    script (`max_cfg`: the most branches the command's models have)."""
+    p.add_argument("--cfg-parallel-size", type=int, default=2, choices=range(1, max_cfg + 1),
                    help="ranks the guidance branches are spread over (default 2)")
     p.add_argument("--ulysses-degree", type=int, default=1,
                    help="ranks that split each branch's image tokens, Ulysses all-to-alls around attention; "

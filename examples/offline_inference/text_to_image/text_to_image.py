@@ -11,7 +11,8 @@ bit), --ulysses-degree and --ring-degree (sequence parallelism), --vae-patch-par
 import argparse
 import time
 
-from cfgpar import DiffusionParallelConfig, Omni, OmniDiffusionSamplingParams
+from cfgpar import Omni, OmniDiffusionSamplingParams
+from cfgpar.cli_common import add_layout_args, parallel_config
 from cfgpar.models.embedded import default_model
 
 
@@ -22,26 +23,16 @@ def main() -> None:
     parser.add_argument("--negative-prompt", default="low quality, blurry")
     parser.add_argument("--cfg-scale", type=float, default=4.0, help="true_cfg_scale")
     parser.add_argument("--output", default="output.png")
-    parser.add_argument("--cfg-parallel-size", type=int, default=2, choices=[1, 2])
+    add_layout_args(parser, max_cfg=2)  # --cfg-parallel-size 1|2, --ulysses-degree, --ring-degree, ...
     parser.add_argument("--num-inference-steps", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--ulysses-degree", type=int, default=1,
-                        help="ranks that split each branch's image tokens (Ulysses); divides the attention heads")
-    parser.add_argument("--ring-degree", type=int, default=1, help="ranks that split each branch's image tokens (Ring)")
-    parser.add_argument("--vae-patch-parallel-size", type=int, default=1,
-                        help="ranks that share the VAE decode in bands of rows (outputs over 256 px tall)")
-    parser.add_argument("--threads-per-rank", type=int, default=None,
-                        help="CPU threads per rank (default: $OMP_NUM_THREADS, else cores / ranks); keep it "
-                             "the same to get the same picture at every --cfg-parallel-size")
     parser.add_argument("--height", type=int, default=None)
     parser.add_argument("--width", type=int, default=None)
     args = parser.parse_args()
 
     omni = Omni(
         model=args.model or str(default_model("text-to-image")),
-        parallel_config=DiffusionParallelConfig(cfg_parallel_size=args.cfg_parallel_size, ulysses_degree=args.ulysses_degree,
-                                                ring_degree=args.ring_degree,
-                                                vae_patch_parallel_size=args.vae_patch_parallel_size),
+        parallel_config=parallel_config(args),
         threads_per_rank=args.threads_per_rank,
     )
     start = time.perf_counter()
