@@ -61,6 +61,7 @@ def _degrees(cfg, ulysses, ring):
     return {"cfg": cfg, "ring": ring, "ulysses": ulysses}
 
 
+@pytest.mark.exactness
 def test_every_layout_within_one_level_of_one_rank_and_ulysses_bit_identical(t2i_folder, input_image):
     (t2i, unguided), (edit, edit3) = run_layout(_degrees(1, 1, 1), _jobs(t2i_folder, input_image, 1))
     reference = {"t2i": t2i, "unguided": unguided, "edit": edit, "edit3": edit3}
@@ -76,6 +77,7 @@ def test_every_layout_within_one_level_of_one_rank_and_ulysses_bit_identical(t2i
                 assert np.array_equal(picture, reference[name]), where
 
 
+@pytest.mark.exactness
 def test_sharded_attention_at_degree_one_is_the_plain_attention(t2i_folder):
     """The sequence-parallel processor and hooks on one rank give the plain forward's bits."""
     from diffusers import QwenImageTransformer2DModel
@@ -118,6 +120,7 @@ def test_degrees_validated_at_construction():
     assert DiffusionParallelConfig(cfg_parallel_size=2, ulysses_degree=2).describe() == "4 ranks: cfg 2 x ulysses 2"
 
 
+@pytest.mark.exactness
 def test_engine_serves_a_ulysses_layout_and_a_killed_rank_fails_the_request_within_seconds(t2i_folder):
     """Through Omni: a request on cfg 1 x ulysses 2 gives the one-rank picture; then rank 1 of
     the sequence-parallel group dies mid-request and the caller hears of it at once."""
