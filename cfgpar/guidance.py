@@ -36,10 +36,19 @@ class Guidance:
 
     branches: tuple[Branch, ...]
     combine: Combine
+    switch: tuple[float, Combine] | None = None
+    """(boundary, combine): from the first timestep below `boundary` on, this combine replaces
+    `combine` (Wan 2.2's second expert has its own scale). None: `combine` at every step."""
 
     def __post_init__(self):
         if not self.branches:
             raise ValueError("a guidance needs at least one branch.")
+
+    def combine_at(self, t: torch.Tensor) -> Combine:
+        """The combine rule of the step at timestep t."""
+        if self.switch is not None and t < self.switch[0]:
+            return self.switch[1]
+        return self.combine
 
 
 # ---- combine rules: pure functions of the branch predictions --------------------------------

@@ -106,9 +106,10 @@ class Omni:
         request = make_request(next(self._ids), prompt, params)
         result = self.engine.generate(request)
         result.metrics.total_s = time.perf_counter() - start
+        fps = (params.fps or self.engine.model_info.get("default_fps")) if result.videos else None
         return OmniRequestOutput(
-            request_id=request.request_id, prompt=request.prompt, images=result.images,
-            seed=request.seed, metrics=result.metrics,
+            request_id=request.request_id, prompt=request.prompt, images=result.images, videos=result.videos,
+            fps=fps, seed=request.seed, metrics=result.metrics,
         )
 
     def close(self) -> None:
@@ -125,8 +126,12 @@ class Omni:
 def check_layout_fits(folder: Path, pipeline: str, parallel_config: DiffusionParallelConfig) -> None:
     """Refuse, before any process starts, a layout the model cannot run: more CFG ranks than its
     guidance branches, or a Ulysses degree that does not divide its attention heads (the ranks
-    check the loaded model again)."""
-    max_branches = import_pipeline(pipeline).max_branches
+    check the loaded model again), or a VAE decode over ranks for a video model."""
+    pipeline_cls = import_pipeline(pipeline)
+    max_branches = pipeline_cls.max_branches
+    if pipeline_cls.output_kind == "video" and parallel_config.vae_patch_parallel_size > 1:
+        raise ValueError(f"vae_patch_parallel_size={parallel_config.vae_patch_parallel_size}: the VAE decode over "
+                         "ranks is for image models, a video decodes on rank 0; use vae_patch_parallel_size=1.")
     if parallel_config.cfg_parallel_size > max_branches:
         raise ValueError(
             f"cfg_parallel_size={parallel_config.cfg_parallel_size} is larger than the {max_branches} guidance "

@@ -64,6 +64,11 @@ class SequenceShards:
     def of(cls, mesh: ParallelMesh) -> "SequenceShards":
         return cls(mesh.sp_group, mesh.sp_size, mesh.sp_rank)
 
+    @classmethod
+    def whole(cls) -> "SequenceShards":
+        """No sharding: shard and gather return what they are given."""
+        return cls(None, 1, 0)
+
     def shard(self, tokens: torch.Tensor) -> torch.Tensor:
         """[B, L, C] -> [B, ceil(L / size), C]."""
         if self.size == 1:

@@ -52,7 +52,7 @@ def _generate_guided(pipeline, request, guidance, mesh, progress) -> GenerationR
     start = time.perf_counter()
     n, size, rank = len(guidance.branches), mesh.cfg_size, mesh.cfg_rank
     full = pipeline.prepare(request, list(range(request.params.num_outputs_per_prompt)))
-    shards = SequenceShards.of(mesh)
+    shards = _loop_shards(pipeline, mesh)
     plan = full.map_tokens(shards.shard)
     metrics.prepare_s = time.perf_counter() - start
     mine = branches_of_rank(n, size, rank)
@@ -74,7 +74,7 @@ def _generate_guided(pipeline, request, guidance, mesh, progress) -> GenerationR
         metrics.forward_s += gather_start - forward_start
         metrics.allgather_s += time.perf_counter() - gather_start
         preds = [gathered[gathered_index(i, size)] for i in range(n)]
-        latents = pipeline.step(guidance.combine(preds), t, latents)
+        latents = pipeline.step(guidance.combine_at(t)(preds), t, latents)
     metrics.sp_exchange_s = mesh.sequence.exchange_s - exchanged
     latents = shards.gather(latents, full.latents.shape[1])
     metrics.denoise_s = time.perf_counter() - start
@@ -87,7 +87,7 @@ def _generate_split(pipeline, request, mesh, progress) -> GenerationResult | Non
     start = time.perf_counter()
     total, size, rank = request.params.num_outputs_per_prompt, mesh.cfg_size, mesh.cfg_rank
     full = pipeline.prepare(request, split_outputs(total, size, rank))
-    shards = SequenceShards.of(mesh)
+    shards = _loop_shards(pipeline, mesh)
     plan = full.map_tokens(shards.shard)
     metrics.prepare_s = time.perf_counter() - start
     latents = plan.latents
@@ -110,6 +110,12 @@ def _generate_split(pipeline, request, mesh, progress) -> GenerationResult | Non
     return _decode(pipeline, full, latents, mesh, metrics)
 
 
+def _loop_shards(pipeline, mesh) -> SequenceShards:
+    """The loop holds a shard of packed token latents; a pipeline whose latents are not tokens
+    ([B, C, F, H, W] video) keeps them whole and its model shards inside (distributed/sequence_parallel.py)."""
+    return SequenceShards.of(mesh) if pipeline.shards_tokens else SequenceShards.whole()
+
+
 def _decode(pipeline, plan, latents, mesh, metrics) -> GenerationResult | None:
     """Rank 0 decodes, alone or with ranks 1 .. vae_size - 1 sharing the VAE's up-path in bands."""
     start = time.perf_counter()
@@ -118,9 +124,11 @@ def _decode(pipeline, plan, latents, mesh, metrics) -> GenerationResult | None:
         pixels = parallel_band_decode(pipeline.vae, z, mesh.vae_group, mesh.vae_size, mesh.rank)
     if mesh.rank != 0:
         return None
-    images = pipeline.decode(plan, latents) if z is None else pipeline.to_images(plan, pixels)
+    outputs = pipeline.decode(plan, latents) if z is None else pipeline.to_images(plan, pixels)
     metrics.decode_s = time.perf_counter() - start
-    return GenerationResult(images=images, metrics=metrics)
+    if pipeline.output_kind == "video":
+        return GenerationResult(images=[], videos=outputs, metrics=metrics)
+    return GenerationResult(images=outputs, metrics=metrics)
 
 
 def _shared_decode_input(pipeline, plan, latents, mesh) -> torch.Tensor | None:

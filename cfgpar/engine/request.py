@@ -32,7 +32,7 @@ class StageMetrics:
     denoise_s: float = 0.0
     """The denoising loop, all-gathers included."""
     decode_s: float = 0.0
-    """VAE decode to images (rank 0 only)."""
+    """VAE decode to images or video frames (rank 0 only)."""
     total_s: float = 0.0
     """Wall time of the request as the caller saw it."""
     num_branches: int = 1
@@ -58,4 +58,6 @@ class GenerationResult:
     """Rank 0's answer to a request."""
 
     images: list[Image.Image]
+    videos: list[list[Image.Image]] = field(default_factory=list)
+    """Video models: one list of frames per output (`images` is then empty)."""
     metrics: StageMetrics = field(default_factory=StageMetrics)

@@ -10,6 +10,8 @@ MAX_OUTPUTS_PER_PROMPT = 16
 MAX_SIDE = 4096
 MAX_SEQUENCE_LENGTH = 1024
 MAX_SEED = 2**63 - 1
+MAX_FRAMES = 1025
+MAX_FPS = 120
 
 
 def _check_int(name: str, value, low: int, high: int, *, optional: bool = False) -> None:
@@ -62,6 +64,23 @@ class OmniDiffusionSamplingParams:
     InstructPix2Pix: adds a branch without the input image. None (default) or <= 1 keeps plain
     two-branch guidance. Allowed: 0 to 100."""
 
+    guidance_scale: float | None = None
+    """CFG scale of video models (Wan), diffusers' and vLLM-Omni's name for it: guidance runs
+    when it is > 1, against the negative prompt or "" (Qwen-Image models take true_cfg_scale).
+    None takes the model's default (5.0). Allowed: 0 to 100."""
+
+    guidance_scale_2: float | None = None
+    """Wan 2.2's low-noise expert's CFG scale (the steps below the model's boundary_ratio);
+    None: the same as guidance_scale. Only for two-expert models. Allowed: 0 to 100."""
+
+    num_frames: int | None = None
+    """Frames of a video (4k + 1 for Wan: 17, 33, 81, ...); None takes the model's default (81).
+    Allowed: 1 to 1025."""
+
+    fps: int | None = None
+    """Frames per second the video is written at (the MP4's rate, not what is generated);
+    None takes the model's default (16 for Wan 2.1 and 2.2 A14B, 24 for TI2V-5B). Allowed: 1 to 120."""
+
     def __post_init__(self):
         _check_float("true_cfg_scale", self.true_cfg_scale, 0.0, 100.0)
         _check_int("num_inference_steps", self.num_inference_steps, 1, MAX_STEPS)
@@ -71,3 +90,7 @@ class OmniDiffusionSamplingParams:
         _check_int("num_outputs_per_prompt", self.num_outputs_per_prompt, 1, MAX_OUTPUTS_PER_PROMPT)
         _check_int("max_sequence_length", self.max_sequence_length, 1, MAX_SEQUENCE_LENGTH)
         _check_float("image_guidance_scale", self.image_guidance_scale, 0.0, 100.0, optional=True)
+        _check_float("guidance_scale", self.guidance_scale, 0.0, 100.0, optional=True)
+        _check_float("guidance_scale_2", self.guidance_scale_2, 0.0, 100.0, optional=True)
+        _check_int("num_frames", self.num_frames, 1, MAX_FRAMES, optional=True)
+        _check_int("fps", self.fps, 1, MAX_FPS, optional=True)

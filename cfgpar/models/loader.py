@@ -10,6 +10,8 @@ from pathlib import Path
 PIPELINES = {
     "QwenImagePipeline": "cfgpar.pipelines.qwen_image:QwenImagePipeline",
     "QwenImageEditPipeline": "cfgpar.pipelines.qwen_image_edit:QwenImageEditPipeline",
+    "WanPipeline": "cfgpar.pipelines.wan:WanVideoPipeline",
+    "WanImageToVideoPipeline": "cfgpar.pipelines.wan:WanVideoPipeline",
 }
 
 

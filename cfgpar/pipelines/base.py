@@ -51,8 +51,16 @@ class DiffusionPipeline(ABC):
     max_branches: ClassVar[int] = 2
     """Most guidance branches a request to this pipeline can have; bounds cfg_parallel_size."""
 
-    task: ClassVar[str] = "text-to-image"
-    """"text-to-image" or "edit" (the request must carry an input image)."""
+    task: str = "text-to-image"
+    """"text-to-image", "edit" (the request must carry an input image), "text-to-video",
+    "image-to-video" (an input image is required) or "text-image-to-video" (optional)."""
+
+    output_kind: ClassVar[str] = "image"
+    """"image": decode returns B PIL images; "video": B lists of PIL frames."""
+
+    shards_tokens: ClassVar[bool] = True
+    """Whether plan.latents are packed tokens [B, L, C] that the loop shards along L under
+    sequence parallelism; False keeps them whole and the model shards inside."""
 
     vae: Any = None
     """The VAE, where `decode(plan, latents)` is `to_images(plan, vae.decode(vae_latents(plan,
@@ -60,7 +68,7 @@ class DiffusionPipeline(ABC):
 
     def describe(self) -> dict[str, Any]:
         """Facts about the loaded model that callers validate requests against."""
-        return {"task": self.task, "max_branches": self.max_branches}
+        return {"task": self.task, "max_branches": self.max_branches, "output": self.output_kind}
 
     @classmethod
     @abstractmethod
@@ -89,8 +97,8 @@ class DiffusionPipeline(ABC):
         """One scheduler step from the guided prediction."""
 
     @abstractmethod
-    def decode(self, plan: Plan, latents: torch.Tensor) -> list[Image.Image]:
-        """Final latents [B, L, C] to B images."""
+    def decode(self, plan: Plan, latents: torch.Tensor) -> list[Image.Image] | list[list[Image.Image]]:
+        """Final latents to B images, or B videos (lists of frames) where output_kind is "video"."""
 
     def vae_latents(self, plan: Plan, latents: torch.Tensor) -> torch.Tensor:
         """Final latents [B, L, C] to the VAE's input (pipelines with a `vae`)."""

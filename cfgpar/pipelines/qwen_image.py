@@ -29,6 +29,7 @@ T2I_TEMPLATE = (
 )
 T2I_TEMPLATE_DROP = 34  # tokens of the template's system prefix, dropped from the embeddings
 TOKENIZER_MAX_LENGTH = 1024
+VIDEO_PARAMS = ("num_frames", "fps", "guidance_scale", "guidance_scale_2")
 
 
 def calculate_shift(seq_len: int, base_seq: int, max_seq: int, base_shift: float, max_shift: float) -> float:
@@ -99,6 +100,10 @@ class QwenImagePipeline(DiffusionPipeline):
         return self._text_guidance(request)
 
     def _text_guidance(self, request: GenerationRequest) -> Guidance:
+        video = [name for name in VIDEO_PARAMS if getattr(request.params, name) is not None]
+        if video:
+            raise RequestError(f"{', '.join(video)} apply to video models; this is an image model (its CFG scale is "
+                               "true_cfg_scale).")
         terminal = self.scheduler.config.get("shift_terminal")
         if terminal and request.params.num_inference_steps < 2:
             # The scheduler stretches the schedule so that it ends at shift_terminal; a one-step
