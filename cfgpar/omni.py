@@ -8,7 +8,7 @@ import random
 import time
 import weakref
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from PIL import Image
@@ -94,17 +94,20 @@ class Omni:
         self,
         prompts: PromptType | Sequence[PromptType],
         sampling_params: OmniDiffusionSamplingParams | Sequence[OmniDiffusionSamplingParams] | None = None,
+        *,
+        on_progress: Callable[[int, int], None] | None = None,
     ) -> list[OmniRequestOutput]:
         """One output per prompt, in order. A prompt is a string or a dict with "prompt",
-        optional "negative_prompt" and optional "multi_modal_data": {"image": PIL image}."""
+        optional "negative_prompt" and optional "multi_modal_data": {"image": PIL image}.
+        `on_progress(steps done, steps)` is called on this thread after each denoising step."""
         prompt_list = [prompts] if isinstance(prompts, (str, Mapping)) else list(prompts)
         params_list = _params_for(sampling_params, len(prompt_list))
-        return [self._generate_one(p, sp) for p, sp in zip(prompt_list, params_list)]
+        return [self._generate_one(p, sp, on_progress) for p, sp in zip(prompt_list, params_list)]
 
-    def _generate_one(self, prompt: PromptType, params: OmniDiffusionSamplingParams) -> OmniRequestOutput:
+    def _generate_one(self, prompt: PromptType, params: OmniDiffusionSamplingParams, on_progress) -> OmniRequestOutput:
         start = time.perf_counter()
         request = make_request(next(self._ids), prompt, params)
-        result = self.engine.generate(request)
+        result = self.engine.generate(request, on_progress)
         result.metrics.total_s = time.perf_counter() - start
         fps = (params.fps or self.engine.model_info.get("default_fps")) if result.videos else None
         return OmniRequestOutput(

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -37,17 +38,20 @@ _warned_no_guidance = False
 
 
 def generate(
-    pipeline: DiffusionPipeline, request: GenerationRequest, mesh: ParallelMesh, *, progress: bool = False
+    pipeline: DiffusionPipeline, request: GenerationRequest, mesh: ParallelMesh, *, progress: bool = False,
+    on_step: Callable[[int, int], None] | None = None,
 ) -> GenerationResult | None:
-    """Run one request on this rank; rank 0 returns the images, the other ranks None."""
+    """Run one request on this rank; rank 0 returns the images, the other ranks None.
+    `progress` shows a bar on rank 0; `on_step(done, total)` is called after each step."""
     guidance = pipeline.guidance(request)
+    steps = _Steps(progress and mesh.rank == 0, on_step)
     if len(guidance.branches) == 1:
         _warn_no_guidance(request, mesh)
-        return _generate_split(pipeline, request, mesh, progress)
-    return _generate_guided(pipeline, request, guidance, mesh, progress)
+        return _generate_split(pipeline, request, mesh, steps)
+    return _generate_guided(pipeline, request, guidance, mesh, steps)
 
 
-def _generate_guided(pipeline, request, guidance, mesh, progress) -> GenerationResult | None:
+def _generate_guided(pipeline, request, guidance, mesh, steps) -> GenerationResult | None:
     metrics = StageMetrics(num_branches=len(guidance.branches))
     start = time.perf_counter()
     n, size, rank = len(guidance.branches), mesh.cfg_size, mesh.cfg_rank
@@ -65,7 +69,7 @@ def _generate_guided(pipeline, request, guidance, mesh, progress) -> GenerationR
     local = latents.new_zeros((slots_per_rank(n, size), *latents.shape))
     gathered = latents.new_empty((size, *local.shape))
     exchanged = mesh.sequence.exchange_s
-    for t in _steps(plan.timesteps, progress and mesh.rank == 0):
+    for t in steps(plan.timesteps):
         forward_start = time.perf_counter()
         for slot, i in enumerate(mine):
             local[slot] = pipeline.predict(plan, guidance.branches[i], conds[i], latents, t)
@@ -81,7 +85,7 @@ def _generate_guided(pipeline, request, guidance, mesh, progress) -> GenerationR
     return _decode(pipeline, full, latents, mesh, metrics)
 
 
-def _generate_split(pipeline, request, mesh, progress) -> GenerationResult | None:
+def _generate_split(pipeline, request, mesh, steps) -> GenerationResult | None:
     """One branch: output j is denoised on rank j mod size, then gathered to rank 0."""
     metrics = StageMetrics(num_branches=1)
     start = time.perf_counter()
@@ -96,7 +100,7 @@ def _generate_split(pipeline, request, mesh, progress) -> GenerationResult | Non
         cond = pipeline.encode(request, branch, plan)
         metrics.encode_s = time.perf_counter() - start
         start, exchanged = time.perf_counter(), mesh.sequence.exchange_s
-        for t in _steps(plan.timesteps, progress and mesh.rank == 0):
+        for t in steps(plan.timesteps):
             latents = pipeline.step(pipeline.predict(plan, branch, cond, latents, t), t, latents)
         metrics.sp_exchange_s = mesh.sequence.exchange_s - exchanged
     latents = shards.gather(latents, full.latents.shape[1])
@@ -141,8 +145,18 @@ def _shared_decode_input(pipeline, plan, latents, mesh) -> torch.Tensor | None:
     return z if z.shape[2] == 1 and bands_needed(pipeline.vae, z) else None
 
 
-def _steps(timesteps: torch.Tensor, show: bool):
-    return tqdm(timesteps, desc="denoise", unit="step", disable=not show, leave=False, dynamic_ncols=True)
+class _Steps:
+    """Iterates a schedule with rank 0's progress bar and step callback."""
+
+    def __init__(self, show: bool, on_step: Callable[[int, int], None] | None):
+        self.show, self.on_step = show, on_step
+
+    def __call__(self, timesteps: torch.Tensor):
+        bar = tqdm(timesteps, desc="denoise", unit="step", disable=not self.show, leave=False, dynamic_ncols=True)
+        for done, t in enumerate(bar, 1):
+            yield t
+            if self.on_step is not None:
+                self.on_step(done, len(timesteps))
 
 
 def _warn_no_guidance(request: GenerationRequest, mesh: ParallelMesh) -> None:

@@ -16,6 +16,7 @@ import time
 import multiprocessing as mp
 import threading
 from dataclasses import dataclass
+from typing import Callable
 from multiprocessing.connection import wait
 from pathlib import Path
 
@@ -135,9 +136,11 @@ class Engine:
             self._procs.append(proc)
             self._conns.append(parent)
 
-    def generate(self, request: GenerationRequest) -> GenerationResult:
+    def generate(self, request: GenerationRequest,
+                 on_progress: Callable[[int, int], None] | None = None) -> GenerationResult:
         """Run one request on every rank; rank 0's result. Raises RequestError for a request the
-        pipeline refuses (the engine goes on) and EngineError when a rank fails (the engine stops)."""
+        pipeline refuses (the engine goes on) and EngineError when a rank fails (the engine stops).
+        `on_progress(steps done, steps)` is called (on this thread) as rank 0 reports its steps."""
         with self._lock:
             if self._failure is not None:
                 raise EngineError(f"the engine has stopped and takes no new work: {self._failure}")
@@ -148,7 +151,7 @@ class Engine:
                     conn.send(("generate", request))
                 except (BrokenPipeError, OSError):
                     self._fail(f"rank {rank} is gone (exit code {self._procs[rank].exitcode}).")
-            replies = self._collect(f"request {request.request_id}")
+            replies = self._collect(f"request {request.request_id}", on_progress=on_progress)
         kinds = {kind for kind, _ in replies}
         if kinds == {"request_error"}:
             raise RequestError(replies[0][1])
@@ -158,7 +161,7 @@ class Engine:
         result.metrics.peak_memory_mb = [peak for _, (_, peak) in replies]
         return result
 
-    def _collect(self, what: str, timeout: float | None = None) -> list[tuple]:
+    def _collect(self, what: str, timeout: float | None = None, on_progress=None) -> list[tuple]:
         """One reply per rank, in rank order; any crash or death fails the engine at once."""
         replies: dict[int, tuple] = {}
         while len(replies) < self.world_size:
@@ -176,6 +179,10 @@ class Engine:
                     continue
                 if message[0] == "crash":
                     self._fail(self._failure_report({rank: f"rank {rank} failed while {what}:\n{message[1]}"}, what))
+                if message[0] == "progress":
+                    if on_progress is not None:
+                        on_progress(*message[1])
+                    continue
                 replies[rank] = message
         return [replies[r] for r in range(self.world_size)]
 

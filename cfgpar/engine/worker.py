@@ -2,6 +2,7 @@
 
 Control plane: (kind, payload) tuples over this rank's Pipe to the engine. Commands:
 ("generate", GenerationRequest) and ("shutdown", None). Replies: ("ready", info),
+("progress", (steps done, steps)) from rank 0 after each denoising step,
 ("ok", (GenerationResult | None, peak memory MiB)), ("request_error", message) for a bad request
 (the rank goes on), ("crash", traceback) for anything else (the rank exits; the engine stops the others).
 Tensors between ranks go over torch.distributed only (the data plane), never over the Pipe.
@@ -101,8 +102,9 @@ def _serve(spec: WorkerSpec, conn: Connection, pipeline, mesh) -> None:
             return
         if kind == "shutdown":
             return
+        on_step = (lambda done, total: _send(conn, ("progress", (done, total)))) if mesh.rank == 0 else None
         try:
-            result = generate(pipeline, payload, mesh, progress=spec.progress)
+            result = generate(pipeline, payload, mesh, progress=spec.progress, on_step=on_step)
         except RequestError as exc:
             _send(conn, ("request_error", str(exc)))
             continue
