@@ -14,6 +14,8 @@ Two halves, one rule (`shard_index`):
 - the model's: `parallelize` hooks a pipeline's QwenImageTransformer2DModel (torchtitan's way:
   no model code changes) so that a forward on a shard slices the rotary positions and the
   per-token modulation index to the shard and runs its attention over the group.
+  Wan's video latents are not packed tokens: the loop keeps them whole and sp_wan.py's hooks
+  shard the tokens inside the transformer and gather them before its output projection.
 
 diffusers 0.42's own context parallelism (enable_parallelism with its _cp_plan) was tried first;
 docs/parallelism.md says what it does on gloo and why this module exists instead.
@@ -119,13 +121,21 @@ def parallelize(pipeline, mesh: ParallelMesh) -> None:
     """Apply this rank's sequence parallelism to the pipeline's transformer (no-op without SP)."""
     if mesh.sp_size == 1:
         return
-    from diffusers import QwenImageTransformer2DModel
+    from diffusers import QwenImageTransformer2DModel, WanTransformer3DModel
+
+    from cfgpar.distributed.sp_wan import WanSequenceParallel
 
     transformer = getattr(pipeline, "transformer", None)
-    if not isinstance(transformer, QwenImageTransformer2DModel):
-        raise ValueError(f"sequence parallelism (ulysses_degree, ring_degree > 1) supports QwenImageTransformer2DModel; "
-                         f"this model's transformer is {type(transformer).__name__}: use ulysses_degree=ring_degree=1.")
-    QwenImageSequenceParallel(transformer, mesh)
+    if isinstance(transformer, QwenImageTransformer2DModel):
+        QwenImageSequenceParallel(transformer, mesh)
+    elif isinstance(transformer, WanTransformer3DModel):
+        for expert in (transformer, getattr(pipeline, "transformer_2", None)):
+            if expert is not None:
+                WanSequenceParallel(expert, mesh)
+    else:
+        raise ValueError("sequence parallelism (ulysses_degree, ring_degree > 1) supports QwenImageTransformer2DModel "
+                         f"and WanTransformer3DModel; this model's transformer is {type(transformer).__name__}: use "
+                         "ulysses_degree=ring_degree=1.")
 
 
 class QwenImageSequenceParallel:

@@ -162,5 +162,7 @@ def _gather_heads(x: torch.Tensor, groups: SequenceGroups) -> torch.Tensor:
     u = groups.ulysses_size
     if u == 1:
         return x
+    if x.shape[1] == 0:  # no text (Wan's self-attention): nothing to gather
+        return x.new_empty(*x.shape[:2], u * x.shape[2], x.shape[3])
     out = all_gather_slots(x, groups.ulysses, u)  # [U, B, S, h, D]
     return out.permute(1, 2, 0, 3, 4).reshape(*x.shape[:2], u * x.shape[2], x.shape[3])
