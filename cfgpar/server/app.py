@@ -1,4 +1,5 @@
-"""The HTTP side: OpenAI's images API (generations, edits), models, health, metrics and the page.
+"""The HTTP side: OpenAI's images API (generations, edits), models, health, metrics and the page;
+OpenAI's videos API for video models is in videos.py.
 
 Every request is checked here, before it reaches the queue, so the engine thread only ever
 sees requests the model can run; what is wrong with a request comes back as a 4xx in OpenAI's
@@ -12,7 +13,6 @@ import base64
 import hmac
 import io
 import json
-import re
 import threading
 import time
 from contextlib import asynccontextmanager
@@ -24,7 +24,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -34,9 +34,11 @@ from starlette.requests import ClientDisconnect
 from cfgpar.inputs.data import OmniDiffusionSamplingParams
 from cfgpar.server.errors import ServeError, error_body
 from cfgpar.server.metrics import CONTENT_TYPE_LATEST, Metrics
+from cfgpar.server.validation import check_prompt, decode_image, parse_size, validation_message
+from cfgpar.server.video_store import VideoStore
+from cfgpar.server.videos import add_video_routes
 from cfgpar.server.worker import READY, EngineWorker, Job
 
-MAX_PROMPT_CHARS = 10_000
 OUTPUT_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
 PUBLIC_PATHS = frozenset({"/", "/health"})
 """Answered without the API key: the health probe, and the page (static; it asks for the key)."""
@@ -62,6 +64,14 @@ class ServerConfig:
     default_cfg_scale: float = 4.0
     default_negative_prompt: str = "low quality, blurry"
     """Used when a request has none, so that plain OpenAI clients get true CFG (two branches)."""
+    max_video_frames: int = 257
+    """Most frames of one video (num_frames, or seconds x fps); each frame also obeys max_output_pixels."""
+    video_ttl_s: float = 3600.0
+    """Seconds a finished video (its MP4, or its failure) is kept for polling and download."""
+    max_stored_videos: int = 32
+    """Finished videos kept at most; the oldest go first."""
+    max_video_store_bytes: int = 1024 * 2**20
+    """MP4 bytes kept at most; the oldest videos go first (the newest is always kept)."""
 
 
 class ImageParams(BaseModel):
@@ -101,14 +111,18 @@ class ClientGone(Exception):
 
 
 def create_app(config: ServerConfig, worker: EngineWorker, metrics: Metrics) -> FastAPI:
+    store = VideoStore(ttl_s=config.video_ttl_s, max_videos=config.max_stored_videos,
+                       max_bytes=config.max_video_store_bytes, metrics=metrics)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         worker.start()
         yield
         # Under `cfgpar serve`, Server.handle_exit has already given the request in flight its grace.
         await asyncio.to_thread(worker.close, 0.0)
+        store.close()
 
-    app = FastAPI(title="cfgpar", summary="OpenAI-compatible images API, CFG-parallel diffusion",
+    app = FastAPI(title="cfgpar", summary="OpenAI-compatible images and videos API, CFG-parallel diffusion",
                   lifespan=lifespan, docs_url=None, redoc_url=None)
     page = resources.files("cfgpar.server").joinpath("static/index.html").read_text(encoding="utf-8")
 
@@ -135,7 +149,7 @@ def create_app(config: ServerConfig, worker: EngineWorker, metrics: Metrics) -> 
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError):
-        message, param = _validation_message(exc.errors())
+        message, param = validation_message(exc.errors())
         return JSONResponse(error_body(400, message, param=param), status_code=400)
 
     # ---- shared request handling ------------------------------------------------------------
@@ -148,6 +162,9 @@ def create_app(config: ServerConfig, worker: EngineWorker, metrics: Metrics) -> 
         if info is None:
             raise ServeError(503, "the model is still loading; retry when GET /health answers 200.",
                              code="engine_starting", headers={"Retry-After": "5"})
+        if info.get("output") == "video":
+            raise ServeError(400, f"model {config.model_name!r} makes videos; use POST /v1/videos "
+                             "(OpenAI: client.videos.create).", code="wrong_endpoint")
         if info["task"] != task:
             if info["task"] == "edit":
                 hint = "it needs an input picture: use POST /v1/images/edits (multipart, field 'image')."
@@ -160,11 +177,7 @@ def create_app(config: ServerConfig, worker: EngineWorker, metrics: Metrics) -> 
 
     def sampling(params: ImageParams, info: dict) -> tuple[dict, OmniDiffusionSamplingParams, str]:
         """The engine's prompt and sampling params, and the output format; ServeError(400) if invalid."""
-        if not params.prompt.strip():
-            raise ServeError(400, "prompt must not be empty.", param="prompt")
-        if len(params.prompt) > MAX_PROMPT_CHARS:
-            raise ServeError(400, f"prompt is {len(params.prompt)} characters; at most {MAX_PROMPT_CHARS}.",
-                             param="prompt")
+        check_prompt(params.prompt)
         if params.response_format not in (None, "b64_json"):
             raise ServeError(400, f"response_format {params.response_format!r} is not supported: this server "
                              "returns images inline; use 'b64_json'.", param="response_format")
@@ -177,7 +190,7 @@ def create_app(config: ServerConfig, worker: EngineWorker, metrics: Metrics) -> 
                              param="output_format")
         if not 1 <= params.n <= config.max_n:
             raise ServeError(400, f"n must be between 1 and {config.max_n} on this server, got {params.n}.", param="n")
-        width, height = _parse_size(params.size, info["size_unit"], config.max_output_pixels)
+        width, height = parse_size(params.size, info["size_unit"], config.max_output_pixels)
         try:
             sampling_params = OmniDiffusionSamplingParams(
                 true_cfg_scale=config.default_cfg_scale if params.true_cfg_scale is None else params.true_cfg_scale,
@@ -279,17 +292,24 @@ def create_app(config: ServerConfig, worker: EngineWorker, metrics: Metrics) -> 
         finally:
             await form.close()
         prompt, sampling_params, fmt = sampling(params, info)
-        prompt["multi_modal_data"] = {"image": await asyncio.to_thread(_decode_image, data, config.max_image_pixels)}
+        prompt["multi_modal_data"] = {"image": await asyncio.to_thread(decode_image, data, config.max_image_pixels)}
         return await run(request, prompt, sampling_params, fmt)
+
+    add_video_routes(app, config, worker, store)
 
     @app.get("/v1/models")
     async def models():
         info = worker.model_info or {}
-        return {"object": "list", "data": [{
+        model = {
             "id": config.model_name, "object": "model", "created": 0, "owned_by": "cfgpar",
-            "task": info.get("task"), "size_unit": info.get("size_unit"), "default_size": info.get("default_size"),
-            "cfg_parallel_size": config.cfg_parallel_size, "layout": config.layout, "max_n": config.max_n,
-        }]}
+            "task": info.get("task"), "output": info.get("output"), "size_unit": info.get("size_unit"),
+            "default_size": info.get("default_size"), "cfg_parallel_size": config.cfg_parallel_size,
+            "layout": config.layout, "max_n": config.max_n,
+        }
+        if info.get("output") == "video":
+            model.update({key: info.get(key) for key in ("default_num_frames", "default_fps", "frame_unit", "experts")},
+                         max_video_frames=config.max_video_frames)
+        return {"object": "list", "data": [model]}
 
     @app.get("/health")
     async def health():
@@ -305,9 +325,8 @@ def create_app(config: ServerConfig, worker: EngineWorker, metrics: Metrics) -> 
     async def index():
         return HTMLResponse(page)
 
-    known = frozenset(route.path for route in app.routes)
     app.add_middleware(Guard, api_key=config.api_key, max_body=config.max_upload_bytes, metrics=metrics,
-                       known_paths=known)
+                       routes=list(app.routes))
     return app
 
 
@@ -317,8 +336,11 @@ class Guard:
     Plain ASGI rather than BaseHTTPMiddleware: it must pass `receive` through untouched in
     spirit, because the handlers wait on it to learn that a client disconnected."""
 
-    def __init__(self, app, *, api_key: str | None, max_body: int, metrics: Metrics, known_paths: frozenset[str]):
-        self.app, self.api_key, self.max_body, self.metrics, self.known = app, api_key, max_body, metrics, known_paths
+    def __init__(self, app, *, api_key: str | None, max_body: int, metrics: Metrics, routes: list):
+        self.app, self.api_key, self.max_body, self.metrics = app, api_key, max_body, metrics
+        # (path regex, template): a metric's endpoint is the route's template, e.g. /v1/videos/{video_id},
+        # so that every video id does not make a series of its own.
+        self.routes = [(route.path_regex, route.path) for route in routes if hasattr(route, "path_regex")]
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -339,7 +361,7 @@ class Guard:
                 return
             await self.app(scope, self._limited(receive), send_recording)
         finally:
-            endpoint = scope["path"] if scope["path"] in self.known else "other"
+            endpoint = next((path for regex, path in self.routes if regex.match(scope["path"])), "other")
             self.metrics.observe_request(endpoint, scope["method"], status, time.perf_counter() - start)
 
     def _refusal(self, scope) -> ServeError | None:
@@ -394,63 +416,8 @@ def _validate(data: dict) -> ImageParams:
     try:
         return ImageParams.model_validate(data)
     except ValidationError as exc:
-        message, param = _validation_message(exc.errors())
+        message, param = validation_message(exc.errors())
         raise ServeError(400, message, param=param) from None
-
-
-def _validation_message(errors) -> tuple[str, str | None]:
-    """One line for the first problem, and the parameter it is about."""
-    error = errors[0]
-    loc = [str(part) for part in error.get("loc", ()) if part != "body"]
-    param = ".".join(loc) or None
-    if error["type"] == "missing":
-        return f"{param} is required.", param
-    if error["type"] == "extra_forbidden":
-        return f"unknown parameter {param!r}.", param
-    if error["type"] == "json_invalid":
-        return f"the request body is not valid JSON ({error.get('ctx', {}).get('error', error['msg'])}).", None
-    got = repr(error.get("input"))
-    got = got if len(got) <= 60 else got[:57] + "..."
-    return (f"{param}: {error['msg']}, got {got}." if param else f"{error['msg']}."), param
-
-
-def _parse_size(size: str | None, unit: int, max_pixels: int) -> tuple[int | None, int | None]:
-    """(width, height) from "WxH"; (None, None) for the model's default."""
-    if size is None or size.strip().lower() in ("", "auto"):
-        return None, None
-    match = re.fullmatch(r"\s*(\d+)\s*x\s*(\d+)\s*", size.lower())
-    if not match:
-        raise ServeError(400, f"size must be 'WIDTHxHEIGHT' in pixels, e.g. '{8 * unit}x{8 * unit}', got {size!r}.",
-                         param="size")
-    width, height = int(match[1]), int(match[2])
-    if width < unit or height < unit or width % unit or height % unit:
-        example = f"{max(unit, width // unit * unit)}x{max(unit, height // unit * unit)}"
-        raise ServeError(400, f"size {width}x{height}: width and height must be multiples of {unit} px for this "
-                         f"model, e.g. {example}.", param="size")
-    if width * height > max_pixels:
-        raise ServeError(400, f"size {width}x{height} is {width * height} pixels, over this server's limit of "
-                         f"{max_pixels}.", param="size")
-    return width, height
-
-
-def _decode_image(data: bytes, max_pixels: int) -> Image.Image:
-    if not data:
-        raise ServeError(400, "image: the uploaded file is empty.", param="image")
-    try:
-        image = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError:
-        raise ServeError(400, f"image: over this server's limit of {max_pixels} pixels.", param="image") from None
-    except (UnidentifiedImageError, OSError, ValueError):
-        raise ServeError(400, "image: the file is not a picture this server can read (PNG, JPEG, WebP, ...).",
-                         param="image") from None
-    width, height = image.size
-    if width * height > max_pixels:  # checked on the header, before decoding the pixels
-        raise ServeError(400, f"image is {width}x{height} = {width * height} pixels, over this server's limit of "
-                         f"{max_pixels}.", param="image")
-    try:
-        return image.convert("RGB")
-    except Exception as exc:  # noqa: BLE001 - whatever a damaged file makes PIL raise, it is the client's file
-        raise ServeError(400, f"image: the picture could not be decoded ({exc}).", param="image") from None
 
 
 def _encode(image: Image.Image, fmt: str) -> str:

@@ -1,4 +1,4 @@
-"""`cfgpar serve`: the images API on uvicorn, one engine behind it.
+"""`cfgpar serve`: the images API (or, for a video model, the videos API) on uvicorn, one engine behind it.
 
 Start-up: the model is checked here (a bad name exits with status 2 before anything starts),
 the socket is bound, then uvicorn serves at once while the engine thread starts the ranks;
@@ -21,7 +21,8 @@ logger = logging.getLogger("cfgpar.server")
 
 
 def add_serve_parser(subparsers) -> None:
-    p = subparsers.add_parser("serve", help="serve an OpenAI-compatible images API and a page over HTTP")
+    p = subparsers.add_parser("serve", help="serve an OpenAI-compatible images API (videos API for video "
+                              "models) and a page over HTTP")
     p.add_argument("model", nargs="?", default=None,
                    help="hub id or local model folder (default: the embedded edit model)")
     add_layout_args(p)
@@ -37,13 +38,23 @@ def add_serve_parser(subparsers) -> None:
     p.add_argument("--queue-size", type=int, default=16,
                    help="requests that may wait for the engine; more get 429 at once (default 16)")
     p.add_argument("--request-timeout", type=float, default=300.0,
-                   help="seconds a request may take, queue wait included; then 504 (default 300)")
+                   help="seconds an image request may take, queue wait included; then 504 (default 300). "
+                        "Video jobs are polled, not waited on: no timeout applies to them")
     p.add_argument("--max-n", type=int, default=4, help="most images per request (default 4, at most 16)")
     p.add_argument("--max-image-pixels", type=int, default=4096 * 4096,
                    help="largest input picture, width x height (default 4096*4096)")
     p.add_argument("--max-output-pixels", type=int, default=2048 * 2048,
                    help="largest output size, width x height (default 2048*2048)")
     p.add_argument("--max-upload-mb", type=float, default=32.0, help="largest request body in MiB (default 32)")
+    p.add_argument("--max-video-frames", type=int, default=257,
+                   help="most frames of one video, num_frames or seconds x fps (default 257)")
+    p.add_argument("--video-ttl", type=float, default=3600.0,
+                   help="seconds a finished video is kept for GET /v1/videos/{id}/content; its expires_at "
+                        "(default 3600)")
+    p.add_argument("--max-stored-videos", type=int, default=32,
+                   help="finished videos kept in memory at most; the oldest are dropped first (default 32)")
+    p.add_argument("--max-video-store-mb", type=float, default=1024.0,
+                   help="MiB of finished MP4s kept in memory at most; the oldest are dropped first (default 1024)")
     p.add_argument("--default-steps", type=int, default=20, help="num_inference_steps when a request has none (20)")
     p.add_argument("--default-negative-prompt", default=DEFAULT_NEGATIVE,
                    help=f"negative prompt when a request has none (default {DEFAULT_NEGATIVE!r})")
@@ -79,6 +90,8 @@ def run_serve(args) -> int:
         max_n=args.max_n, request_timeout_s=args.request_timeout, max_image_pixels=args.max_image_pixels,
         max_output_pixels=args.max_output_pixels, max_upload_bytes=int(args.max_upload_mb * 2**20),
         default_steps=args.default_steps, default_negative_prompt=args.default_negative_prompt,
+        max_video_frames=args.max_video_frames, video_ttl_s=args.video_ttl, max_stored_videos=args.max_stored_videos,
+        max_video_store_bytes=int(args.max_video_store_mb * 2**20),
     )
     _setup_logging()
     sock = _listen(args.host, args.port, CliError)
@@ -140,12 +153,15 @@ def _check_args(args, error) -> None:
     for flag, value, low in (("--queue-size", args.queue_size, 1), ("--max-image-pixels", args.max_image_pixels, 1),
                              ("--max-output-pixels", args.max_output_pixels, 1),
                              ("--default-steps", args.default_steps, 1),
-                             ("--restart-attempts", args.restart_attempts, 1), ("--port", args.port, 0)):
+                             ("--restart-attempts", args.restart_attempts, 1), ("--port", args.port, 0),
+                             ("--max-video-frames", args.max_video_frames, 1),
+                             ("--max-stored-videos", args.max_stored_videos, 1)):
         if value < low:
             raise error(f"{flag} must be >= {low}, got {value}.")
     if not 1 <= args.max_n <= 16:
         raise error(f"--max-n must be between 1 and 16, got {args.max_n}.")
-    for flag, value in (("--request-timeout", args.request_timeout), ("--max-upload-mb", args.max_upload_mb)):
+    for flag, value in (("--request-timeout", args.request_timeout), ("--max-upload-mb", args.max_upload_mb),
+                        ("--video-ttl", args.video_ttl), ("--max-video-store-mb", args.max_video_store_mb)):
         if not value > 0:
             raise error(f"{flag} must be > 0, got {value}.")
     if args.shutdown_timeout < 0:

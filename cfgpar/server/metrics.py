@@ -14,7 +14,8 @@ from prometheus_client import (
 
 # Seconds: a tiny model answers in well under a second, a real one on a CPU in minutes.
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
-STAGES = ("queue_wait", "encode", "denoise", "allgather", "decode", "generate")
+STAGES = ("queue_wait", "encode", "denoise", "allgather", "decode", "generate", "mp4_encode")
+VIDEO_STATUSES = ("queued", "in_progress", "completed", "failed")
 
 
 class Metrics:
@@ -32,9 +33,15 @@ class Metrics:
         self.engine_up = Gauge("cfgpar_engine_up", "1 while the ranks are up and taking requests.", registry=r)
         self.restarts = Counter("cfgpar_engine_restarts", "Engine restarts after a rank failed.", registry=r)
         self.stage = Histogram("cfgpar_stage_seconds", "Seconds per stage of each generated request "
-                               "(allgather is part of denoise; generate is the engine's whole call).",
+                               "(allgather is part of denoise; generate is the engine's whole call; "
+                               "mp4_encode: a video's H.264 encoding, after generate).",
                                ["stage"], buckets=LATENCY_BUCKETS, registry=r)
         self.images = Counter("cfgpar_images_generated", "Images generated.", registry=r)
+        self.videos = Counter("cfgpar_videos_generated", "Videos generated (a deleted job's included).", registry=r)
+        self.video_jobs = Gauge("cfgpar_video_jobs", "Video jobs held by the server, by status.", ["status"],
+                                registry=r)
+        self.video_bytes = Gauge("cfgpar_video_store_bytes", "Bytes of finished MP4s held for download.",
+                                 registry=r)
         self.dropped = Counter("cfgpar_requests_dropped", "Queued requests never started, by reason.",
                                ["reason"], registry=r)
         for stage in STAGES:  # export every series from the start, at 0

@@ -44,12 +44,15 @@ class Job:
     prompt: dict[str, Any]
     params: OmniDiffusionSamplingParams
     deadline: float
-    """time.monotonic() after which nobody waits for the result."""
+    """time.monotonic() after which nobody waits for the result. math.inf for a video job: its
+    HTTP request has returned, the client polls for the result, so no wait can run out."""
     future: Future = field(default_factory=Future)
     client_gone: threading.Event = field(default_factory=threading.Event)
     enqueued_at: float = field(default_factory=time.monotonic)
     queue_wait_s: float = 0.0
     """Seconds between queueing and start, set when the job starts."""
+    on_progress: Callable[[int, int], None] | None = None
+    """Called on the engine thread with (steps done, steps) after each denoising step (video jobs)."""
 
 
 class QueueFull(Exception):
@@ -228,7 +231,9 @@ class EngineWorker:
         self.metrics.busy.set(1)
         self._busy = True
         try:
-            (out,) = self._omni.generate(job.prompt, job.params)
+            # on_progress only when asked for: Omni-like test doubles take (prompt, params).
+            progress = {"on_progress": job.on_progress} if job.on_progress is not None else {}
+            (out,) = self._omni.generate(job.prompt, job.params, **progress)
         except RequestError as exc:  # the pipeline refused the request; the ranks go on
             job.future.set_exception(ServeError(400, str(exc)))
         except EngineError as exc:
@@ -250,6 +255,7 @@ class EngineWorker:
         else:
             self.metrics.observe_stages(job.queue_wait_s, out.metrics)
             self.metrics.images.inc(len(out.images))
+            self.metrics.videos.inc(len(out.videos))
             job.future.set_result(out)
         finally:
             self._busy = False

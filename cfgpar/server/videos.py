@@ -1,0 +1,344 @@
+"""OpenAI's Videos API for video models (Wan): create a job, poll it, download its MP4, delete it.
+
+    POST   /v1/videos                 multipart/form-data (as the openai client sends) or JSON -> Video
+    GET    /v1/videos                 newest first; limit, after, order
+    GET    /v1/videos/{id}            Video: queued -> in_progress -> completed | failed, progress 0-100
+    GET    /v1/videos/{id}/content    the MP4 (variant=video only)
+    DELETE /v1/videos/{id}            a queued job leaves the queue; a running one finishes, unkept
+
+Every request is checked here, before it is queued, with the rules the pipeline applies (size and
+frame units, image or not): a job that is accepted runs. A job takes one slot of the queue the
+image endpoints use (429 when it is full) and runs on the same engine thread. The HTTP request
+returns at once, so no request timeout applies to the job; nobody waits on it but the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import math
+from typing import TYPE_CHECKING, Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, ValidationError
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException
+
+from cfgpar.inputs.data import MAX_FPS, OmniDiffusionSamplingParams
+from cfgpar.server.errors import ServeError
+from cfgpar.server.validation import check_prompt, check_size, decode_image, parse_size, validation_message
+from cfgpar.server.video_store import VideoRecord, VideoStore, new_video_id
+from cfgpar.server.worker import EngineWorker, Job
+
+if TYPE_CHECKING:
+    from cfgpar.server.app import ServerConfig
+
+REFERENCE = "input_reference"
+NOT_HERE = {
+    "true_cfg_scale": "video models take guidance_scale (and guidance_scale_2 on two-expert models).",
+    "boundary_ratio": "it is fixed by the model (its model_index.json).",
+    "flow_shift": "it is fixed by the model (its scheduler config).",
+}
+"""vLLM-Omni's options that cfgpar does not take, each with the reason (rather than 'unknown')."""
+LIST_LIMIT = 100
+
+
+class VideoParams(BaseModel):
+    """The text fields of POST /v1/videos (JSON values or multipart text fields).
+
+    OpenAI's fields, vLLM-Omni's extras cfgpar runs, and OpenAI-client fields that mean nothing
+    here (accepted, ignored); any other name is refused, so that a misspelt option does not pass."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str
+    model: str | None = None
+    seconds: str | int | None = None
+    """Whole seconds ("4", 8); the frames are the allowed count nearest seconds x fps."""
+    size: str | None = None
+    """"WIDTHxHEIGHT" (OpenAI's order), multiples of the model's size unit."""
+    input_reference: Any = None
+    """JSON only: {"image_url": "data:image/...;base64,..."}; multipart uploads it as a file."""
+    num_frames: int | None = None
+    fps: int | None = None
+    negative_prompt: str | None = None
+    guidance_scale: float | None = None
+    guidance_scale_2: float | None = None
+    num_inference_steps: int | None = None
+    seed: int | None = None
+    width: int | None = None
+    height: int | None = None
+    user: Any = None
+    metadata: Any = None
+    safety_identifier: Any = None
+
+
+def add_video_routes(app: FastAPI, config: ServerConfig, worker: EngineWorker, store: VideoStore) -> None:
+    @app.post("/v1/videos")
+    async def create(request: Request):
+        """Queue a video job (OpenAI: videos.create); answers the Video at once, status "queued"."""
+        fields, upload = await _read_request(request)
+        params = _validate(fields)
+        info = _video_model(config, worker, params.model)
+        prompt, sampling, record = _job(params, info, config)
+        _check_image(upload is not None or params.input_reference is not None, info)
+        image = await _reference_image(upload, params.input_reference, config)
+        if image is not None:
+            prompt["multi_modal_data"] = {"image": image}
+        job = Job(prompt, sampling, deadline=math.inf,
+                  on_progress=lambda done, total: store.progress(record, done, total))
+        record.job = job
+        # In the store before the queue: the engine may finish the job before submit returns.
+        store.add(record)
+        job.future.add_done_callback(lambda future: store.finished(record, future))
+        try:
+            worker.submit(job)
+        except ServeError:
+            store.discard(record)
+            raise
+        return JSONResponse(record.body())
+
+    @app.get("/v1/videos")
+    async def list_videos(limit: int = 20, after: str | None = None, order: str = "desc"):
+        """Videos held by the server (OpenAI: videos.list), newest first by default, paged with `after`."""
+        if not 1 <= limit <= LIST_LIMIT:
+            raise ServeError(400, f"limit must be between 1 and {LIST_LIMIT}, got {limit}.", param="limit")
+        if order not in ("asc", "desc"):
+            raise ServeError(400, f"order must be 'asc' or 'desc', got {order!r}.", param="order")
+        bodies = store.bodies()
+        if order == "desc":
+            bodies.reverse()
+        if after is not None:
+            ids = [body["id"] for body in bodies]
+            if after not in ids:
+                raise ServeError(400, f"after: no video {after!r} on this server.", param="after")
+            bodies = bodies[ids.index(after) + 1:]
+        page = bodies[:limit]
+        return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
+                "last_id": page[-1]["id"] if page else None, "has_more": len(bodies) > limit}
+
+    @app.get("/v1/videos/{video_id}")
+    async def retrieve(video_id: str):
+        return store.body(video_id)
+
+    @app.get("/v1/videos/{video_id}/content")
+    async def content(video_id: str, variant: str = "video"):
+        """The MP4 of a completed video (OpenAI: videos.download_content); 409 before, 422 after a failure."""
+        data, body = store.content(video_id)
+        if variant != "video":
+            raise ServeError(400, f"variant {variant!r} is not available: this server keeps the video only "
+                             "(variant=video).", param="variant")
+        if body["status"] == "failed":
+            raise ServeError(422, f"video {video_id!r} failed: {body['error']['message']}", code="video_failed")
+        if data is None:
+            raise ServeError(409, f"video {video_id!r} is {body['status']} ({body['progress']}%); download it once "
+                             "GET /v1/videos/{id} says 'completed'.", code="video_not_ready",
+                             headers={"Retry-After": "1"})
+        return Response(data, media_type="video/mp4",
+                        headers={"Content-Disposition": f'inline; filename="{video_id}.mp4"'})
+
+    @app.delete("/v1/videos/{video_id}")
+    async def delete(video_id: str):
+        """Forget a video. A queued job leaves the queue (its slot is free at once); a running one
+        cannot be stopped between steps, so it finishes and its frames are dropped."""
+        record = store.remove(video_id)
+        if record.job is not None:
+            worker.cancel(record.job, "deleted")
+        return {"id": video_id, "object": "video.deleted", "deleted": True}
+
+
+# ---- reading the request ------------------------------------------------------------------------
+
+async def _read_request(request: Request) -> tuple[dict[str, Any], bytes | None]:
+    """The text fields, and the uploaded input_reference's bytes (multipart only)."""
+    ctype = request.headers.get("content-type", "")
+    if ctype.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
+        return await _read_form(request)
+    if ctype and not ctype.startswith("application/json"):
+        raise ServeError(400, f"send multipart/form-data (as OpenAI's client does) or JSON, not {ctype!r}.")
+    try:
+        data = json.loads(await request.body())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ServeError(400, f"the request body is not valid JSON ({exc}).") from None
+    if not isinstance(data, dict):
+        raise ServeError(400, f"the request body must be a JSON object, got {type(data).__name__}.")
+    return data, None
+
+
+async def _read_form(request: Request) -> tuple[dict[str, Any], bytes | None]:
+    try:
+        form = await request.form(max_files=4, max_fields=64)
+    except MultiPartException as exc:
+        raise ServeError(400, f"malformed multipart body: {exc.message}") from None
+    try:
+        fields: dict[str, Any] = {}
+        upload = None
+        for key, value in form.multi_items():
+            if key in fields or (key == REFERENCE and upload is not None):
+                raise ServeError(400, f"{key} is given twice.", param=key)
+            if isinstance(value, UploadFile):
+                if key != REFERENCE:
+                    raise ServeError(400, f"{key} must be a text field, not a file.", param=key)
+                upload = await value.read()
+            elif key == f"{REFERENCE}[image_url]" or key == f"{REFERENCE}[file_id]":
+                # openai's client sends a reference object {image_url | file_id} as bracketed fields
+                fields[REFERENCE] = {**fields.get(REFERENCE, {}), key[len(REFERENCE) + 1:-1]: value}
+            elif value != "" or key in ("prompt", "negative_prompt"):  # HTML forms send "" for blank
+                fields[key] = value
+        return fields, upload
+    finally:
+        await form.close()
+
+
+def _validate(fields: dict[str, Any]) -> VideoParams:
+    for name, why in NOT_HERE.items():
+        if name in fields:
+            raise ServeError(400, f"{name} is not supported by this server: {why}", param=name)
+    try:
+        return VideoParams.model_validate(fields)
+    except ValidationError as exc:
+        message, param = validation_message(exc.errors())
+        raise ServeError(400, message, param=param) from None
+
+
+def _video_model(config: ServerConfig, worker: EngineWorker, model: str | None) -> dict:
+    """The served model's facts; 404/503 as the image endpoints, 400 when it makes images."""
+    if model not in (None, "", config.model_name):
+        raise ServeError(404, f"model {model!r} is not served here; this server serves {config.model_name!r} "
+                         "(GET /v1/models).", param="model", code="model_not_found")
+    info = worker.model_info
+    if info is None:
+        raise ServeError(503, "the model is still loading; retry when GET /health answers 200.",
+                         code="engine_starting", headers={"Retry-After": "5"})
+    if info.get("output") != "video":
+        endpoint = "POST /v1/images/edits" if info.get("task") == "edit" else "POST /v1/images/generations"
+        raise ServeError(400, f"model {config.model_name!r} makes images, not videos; use {endpoint}.",
+                         code="wrong_endpoint")
+    return info
+
+
+# ---- the job ------------------------------------------------------------------------------------
+
+def _job(params: VideoParams, info: dict, config: ServerConfig) -> tuple[dict, OmniDiffusionSamplingParams,
+                                                                          VideoRecord]:
+    """The engine's prompt and params, and the job's record (not yet stored); ServeError(400) if invalid."""
+    check_prompt(params.prompt)
+    width, height = _dimensions(params, info, config)
+    fps = info.get("default_fps") or 16 if params.fps is None else params.fps
+    if not 1 <= fps <= MAX_FPS:
+        raise ServeError(400, f"fps must be between 1 and {MAX_FPS}, got {fps}.", param="fps")
+    frames, seconds = _frames(params, info, fps, config)
+    if params.guidance_scale_2 is not None and info.get("experts", 1) < 2:
+        raise ServeError(400, "guidance_scale_2 applies to two-expert models (Wan 2.2 A14B); this model has one "
+                         "transformer.", param="guidance_scale_2")
+    try:
+        sampling = OmniDiffusionSamplingParams(
+            guidance_scale=params.guidance_scale, guidance_scale_2=params.guidance_scale_2,
+            num_inference_steps=config.default_steps if params.num_inference_steps is None
+            else params.num_inference_steps,
+            seed=params.seed, height=height, width=width, num_frames=frames, fps=fps)
+    except (ValueError, TypeError) as exc:  # its messages name the field and the allowed range
+        raise ServeError(400, str(exc), param=str(exc).split(" ", 1)[0]) from None
+    negative = config.default_negative_prompt if params.negative_prompt is None else params.negative_prompt
+    record = VideoRecord(id=new_video_id(), model=config.model_name, prompt=params.prompt, seconds=seconds,
+                         size=f"{width}x{height}", details={"num_frames": frames, "fps": fps,
+                                                            "cfg_parallel_size": config.cfg_parallel_size})
+    return {"prompt": params.prompt, "negative_prompt": negative}, sampling, record
+
+
+def _dimensions(params: VideoParams, info: dict, config: ServerConfig) -> tuple[int, int]:
+    """(width, height): `size`, or width/height (a missing one from the model's default), or the default."""
+    unit, (default_h, default_w) = info["size_unit"], info["default_size"]
+    width, height = parse_size(params.size, unit, config.max_output_pixels)
+    if width is not None:
+        if params.width not in (None, width) or params.height not in (None, height):
+            raise ServeError(400, f"size {params.size!r} and width/height ({params.width}x{params.height}) "
+                             "disagree; give one of them.", param="size")
+        return width, height
+    width = default_w if params.width is None else params.width
+    height = default_h if params.height is None else params.height
+    given = params.width is not None or params.height is not None
+    check_size(width, height, unit, config.max_output_pixels, param="size" if not given else "width")
+    return width, height
+
+
+def _frames(params: VideoParams, info: dict, fps: int, config: ServerConfig) -> tuple[int, str]:
+    """(num_frames, the Video's `seconds`): num_frames if given, else from seconds x fps, else the
+    model's default. `seconds` echoes the request's; otherwise it is the clip's length."""
+    unit = info.get("frame_unit") or 1
+    seconds = _seconds(params.seconds)
+    if params.num_frames is not None:
+        frames = params.num_frames
+        if frames < 1 or frames % unit != 1 % unit:
+            below = max(1, (frames - 1) // unit * unit + 1)
+            raise ServeError(400, f"num_frames must be {unit}k + 1 for this model; got {frames}, the nearest allowed "
+                             f"are {below} and {below + unit}.", param="num_frames")
+    elif seconds is not None:
+        frames = nearest_allowed(seconds * fps, unit)
+    else:
+        frames = info.get("default_num_frames") or 81
+    if frames > config.max_video_frames:
+        how = f"{seconds} s at {fps} fps is {frames} frames" if params.num_frames is None and seconds else \
+            f"num_frames {frames}"
+        raise ServeError(400, f"{how}, over this server's limit of {config.max_video_frames} frames.",
+                         param="num_frames" if params.num_frames is not None else "seconds")
+    if seconds is not None and params.num_frames is None:
+        return frames, str(seconds)
+    return frames, f"{frames / fps:.2f}".rstrip("0").rstrip(".")
+
+
+def nearest_allowed(frames: int, unit: int) -> int:
+    """The frame count unit*k + 1 nearest `frames`; on a tie the longer one (at least what was asked)."""
+    below = max(1, (frames - 1) // unit * unit + 1)
+    if below >= frames:  # `frames` is allowed
+        return below
+    above = below + unit
+    return below if frames - below < above - frames else above
+
+
+def _seconds(value: str | int | None) -> int | None:
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    text = str(value).strip()
+    if not text.isdigit() or int(text) < 1:
+        raise ServeError(400, f"seconds must be a whole number of seconds >= 1, e.g. '4', got {value!r}.",
+                         param="seconds")
+    return int(text)
+
+
+# ---- the input image -------------------------------------------------------------------------
+
+async def _reference_image(upload: bytes | None, reference: Any, config: ServerConfig):
+    """The input picture from a multipart upload or a JSON {"image_url": data URL}; None if none.
+    URLs and file ids are refused: the server fetches nothing."""
+    if upload is not None:
+        return await asyncio.to_thread(decode_image, upload, config.max_image_pixels, REFERENCE)
+    if reference is None:
+        return None
+    url = reference.get("image_url") if isinstance(reference, dict) else reference
+    if isinstance(reference, dict) and "file_id" in reference:
+        raise ServeError(400, "input_reference.file_id is not supported: upload the picture (multipart field "
+                         "input_reference) or send it as a data URL in input_reference.image_url.", param=REFERENCE)
+    if not isinstance(url, str) or not url.startswith("data:"):
+        raise ServeError(400, "input_reference must be an uploaded picture (multipart) or, in JSON, "
+                         '{"image_url": "data:image/png;base64,..."}; this server fetches no URLs.', param=REFERENCE)
+    header, _, payload = url.partition(",")
+    if not header.endswith(";base64"):
+        raise ServeError(400, "input_reference.image_url: only base64 data URLs are accepted.", param=REFERENCE)
+    try:
+        data = base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise ServeError(400, "input_reference.image_url: the base64 payload is malformed.", param=REFERENCE) from None
+    return await asyncio.to_thread(decode_image, data, config.max_image_pixels, REFERENCE)
+
+
+def _check_image(has_image: bool, info: dict) -> None:
+    task = info.get("task")
+    if has_image and task == "text-to-video":
+        raise ServeError(400, "this is a text-to-video model: it takes no input_reference.", param=REFERENCE)
+    if not has_image and task == "image-to-video":
+        raise ServeError(400, "this is an image-to-video model: input_reference is required (upload the first "
+                         "frame as multipart file field input_reference).", param=REFERENCE)
