@@ -1,4 +1,4 @@
-"""The `cfgpar` command: edit, generate, serve (and later bench)."""
+"""The `cfgpar` command: edit, generate, video, serve, bench, plan."""
 
 from __future__ import annotations
 
@@ -28,6 +28,27 @@ def _add_sampling_args(p: argparse.ArgumentParser, *, size: bool) -> None:
     p.add_argument("--verbose", "-v", action="store_true", help="tracebacks and library logs")
 
 
+def _add_video_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="hub id or local folder of a video model, e.g. "
+                   "Wan-AI/Wan2.1-T2V-1.3B-Diffusers")
+    p.add_argument("--prompt", required=True, help="what the video shows")
+    p.add_argument("--negative-prompt", default=None, help="negative branch of CFG (default: the empty prompt)")
+    p.add_argument("--image", default=None, help="first frame, for image-to-video models (PNG, JPEG, ...)")
+    p.add_argument("--guidance-scale", type=float, default=None,
+                   help="CFG scale; <= 1 turns guidance off (default: the model's, 5)")
+    p.add_argument("--guidance-scale-2", "--guidance-scale-high", dest="guidance_scale_2", type=float, default=None,
+                   help="Wan 2.2 A14B: the low-noise expert's scale (default: --guidance-scale)")
+    p.add_argument("--num-frames", type=int, default=None, help="frames, 4k + 1 (default: the model's, 81)")
+    p.add_argument("--fps", type=int, default=None, help="frames per second of the MP4 (default: the model's)")
+    p.add_argument("--height", type=int, default=None, help="height in px (default: the model's, 480)")
+    p.add_argument("--width", type=int, default=None, help="width in px (default: the model's, 832)")
+    p.add_argument("--num-inference-steps", type=int, default=40, help="denoising steps (default 40)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial noise (default 0)")
+    add_layout_args(p, max_cfg=2)
+    p.add_argument("--output", "-o", default="generated.mp4", help="where to write the MP4 (default generated.mp4)")
+    p.add_argument("--verbose", "-v", action="store_true", help="tracebacks and library logs")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cfgpar", description="Diffusion with classifier-free guidance in parallel.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -38,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="text to image")
     _add_sampling_args(gen, size=True)
     gen.set_defaults(run=run_generate)
+    video = sub.add_parser("video", help="text (and optionally an image) to video, with a video model (Wan)")
+    _add_video_args(video)
+    video.set_defaults(run=run_video)
     bench = sub.add_parser("bench", help="time CFG-Parallel against cfg_parallel_size=1 and diffusers")
     bench.add_argument("--runs", type=int, default=3, help="timed requests per sweep point, after a warm-up (default 3)")
     bench.add_argument("--rounds", type=int, default=5,
@@ -71,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("cfgpar: interrupted", file=sys.stderr)
         return 130
-    except Exception as exc:  # one clear line unless --verbose
+    except Exception as exc:  # one clear line unless --verbose (RequestError is a ValueError)
         if getattr(args, "verbose", False):
             raise
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -114,6 +138,35 @@ def _run(args, task: str, multi_modal_data: dict, default_output: Path) -> int:
     print(f"wrote {output} | {out.images[0].width}x{out.images[0].height}, {m.num_branches} CFG branch(es) on "
           f"{parallel.describe()}, seed {out.seed} | encode {m.encode_s:.2f}s, denoise {m.denoise_s:.2f}s, "
           f"decode {m.decode_s:.2f}s, total {m.total_s:.2f}s")
+    return 0
+
+
+def run_video(args) -> int:
+    from cfgpar import Omni, OmniDiffusionSamplingParams
+
+    output = Path(args.output)
+    if output.suffix.lower() != ".mp4":
+        raise CliError(f"--output must end in .mp4, got {str(output)!r}.")
+    params = OmniDiffusionSamplingParams(
+        guidance_scale=args.guidance_scale, guidance_scale_2=args.guidance_scale_2, num_frames=args.num_frames,
+        fps=args.fps, height=args.height, width=args.width, num_inference_steps=args.num_inference_steps,
+        seed=args.seed,
+    )
+    prompt = {"prompt": args.prompt, "negative_prompt": args.negative_prompt}
+    if args.image:
+        prompt["multi_modal_data"] = {"image": _open_image(args.image)}
+    parallel = parallel_config(args)
+    with Omni(args.model, parallel, threads_per_rank=args.threads_per_rank) as omni:
+        if omni.model_info.get("output") != "video":
+            raise CliError(f"model {args.model!r} is a {omni.model_info.get('task')} model; `cfgpar video` needs a "
+                           "video model (use `cfgpar generate` or `cfgpar edit` for pictures).")
+        (out,) = omni.generate(prompt, params)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    out.save_video(output)
+    frames, m = out.videos[0], out.metrics
+    print(f"wrote {output} | {len(frames)} frames of {frames[0].width}x{frames[0].height} at {out.fps} fps, "
+          f"{m.num_branches} CFG branch(es) on {parallel.describe()}, seed {out.seed} | encode {m.encode_s:.2f}s, "
+          f"denoise {m.denoise_s:.2f}s, decode {m.decode_s:.2f}s, total {m.total_s:.2f}s")
     return 0
 
 

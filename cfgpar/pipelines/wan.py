@@ -17,6 +17,7 @@ video tokens inside the transformer (distributed/sequence_parallel.py, `WanSeque
 from __future__ import annotations
 
 import html
+import importlib.util
 import json
 import re
 from pathlib import Path
@@ -94,6 +95,8 @@ class WanVideoPipeline(DiffusionPipeline):
             library, class_name = index.get(name) or (None, None)
             if class_name is None:
                 return None
+            if class_name == "CLIPImageProcessor" and importlib.util.find_spec("torchvision") is None:
+                class_name = "CLIPImageProcessorPil"  # what transformers falls back to anyway, minus its warning
             kwargs = {}
             if library == "diffusers" and name != "scheduler":
                 kwargs["torch_dtype"] = dtype
