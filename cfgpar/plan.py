@@ -1,8 +1,9 @@
 """`cfgpar plan`: which layout of N GPUs (cfg x ulysses x ring) to run a model on, by prediction.
 
 Reads only the model's model_index.json and transformer/config.json (a local folder, or those two
-files from the Hugging Face Hub), ranks every valid layout with cfgpar/bench/layout_model.py and
-prints the table and the command line of the fastest.
+files from the Hugging Face Hub), ranks every valid layout with cfgpar/bench/layout_model.py (Qwen
+image models) or cfgpar/bench/video_model.py (Wan video models) and prints the table and the
+command line of the fastest.
 """
 
 from __future__ import annotations
@@ -23,20 +24,35 @@ from cfgpar.bench.layout_model import (
     vae_patch_parallel_size,
     workload,
 )
+from cfgpar.bench.video_model import (
+    DEFAULT_FRAMES,
+    DEFAULT_SIZE,
+    DEFAULT_STEPS,
+    TEMPORAL,
+    VideoModelSpec,
+    WanShape,
+    rank_video_layouts,
+    video_workload,
+)
 from cfgpar.cli_common import CliError
 from cfgpar.diffusion.data import MAX_DEGREE
 from cfgpar.models.loader import ModelLoadError, resolve_model
 
 TASKS = {"QwenImageEditPipeline": "edit", "QwenImagePipeline": "text-to-image"}
 """model_index.json `_class_name` -> the task `cfgpar plan` predicts for."""
+VIDEO_TASKS = {"WanPipeline": "text-to-video", "WanImageToVideoPipeline": "image-to-video"}
+"""The same for Wan (WanPipeline with expand_timesteps, TI2V-5B: "text-image-to-video")."""
 
 
 def add_plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpus", type=int, required=True, help="GPUs for one request")
     p.add_argument("--model", default=None,
                    help="hub id or local folder (default: Qwen/Qwen-Image-Edit's published config, offline)")
-    p.add_argument("--size", default="1024x1024", help="output WIDTHxHEIGHT in px (default 1024x1024)")
-    p.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
+    p.add_argument("--size", default=None,
+                   help=f"output WIDTHxHEIGHT in px (default 1024x1024; video: {DEFAULT_SIZE[0]}x{DEFAULT_SIZE[1]})")
+    p.add_argument("--frames", type=int, default=None,
+                   help=f"video models: frames of the video, 4k + 1 (default {DEFAULT_FRAMES})")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default 50; video: 40, as cfgpar video)")
     p.add_argument("--interconnect", choices=sorted(INTERCONNECTS), default="nvlink",
                    help="between the GPUs (default nvlink: H100 SXM)")
     p.add_argument("--image-guidance", action="store_true",
@@ -47,24 +63,57 @@ def add_plan_args(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if not 1 <= args.gpus <= MAX_DEGREE:
         raise CliError(f"--gpus must be between 1 and {MAX_DEGREE}, got {args.gpus}.")
-    if args.steps < 1:
+    if args.steps is not None and args.steps < 1:
         raise CliError(f"--steps must be at least 1, got {args.steps}.")
-    width, height = parse_size(args.size)
     model = load_model(args.model)
+    if isinstance(model, VideoModelSpec):
+        return run_video(args, model)
+    if args.frames is not None:
+        raise CliError(f"--frames is for video models; {model.name} is a {model.task} model.")
+    width, height = parse_size(args.size or "1024x1024")
+    steps = args.steps or 50
     if args.image_guidance and model.task != "edit":
         raise CliError(f"--image-guidance needs an edit model; {model.name} is a {model.task} model.")
     branches = 3 if args.image_guidance else 2
     link = INTERCONNECTS[args.interconnect]
-    load = workload(model, width, height, args.steps, branches)
+    load = workload(model, width, height, steps, branches)
     ranked = rank_layouts(model, load, args.gpus, link)
-    print(f"{model.name} ({model.task}), {width}x{height}, {args.steps} steps, {branches} branches, "
+    print(f"{model.name} ({model.task}), {width}x{height}, {steps} steps, {branches} branches, "
           f"{args.gpus} GPU(s) over {link.name}; 1 GPU: {ranked[0].total_s * ranked[0].speedup:.2f} s end to end")
     print(table(ranked))
     print("predicted on H100s from published one-GPU times, communication not overlapped with compute\n"
           "(cfgpar/bench/layout_model.py): the order is what to read, not the seconds")
     vae = vae_patch_parallel_size(load, args.gpus)
-    print("best: " + command_line(model, ranked[0], vae=vae, steps=args.steps, size=(width, height),
+    print("best: " + command_line(model, ranked[0], vae=vae, steps=steps, size=(width, height),
                                   model_arg=args.model, image_guidance=args.image_guidance))
+    return 0
+
+
+def run_video(args: argparse.Namespace, model: VideoModelSpec) -> int:
+    if args.image_guidance:
+        raise CliError(f"--image-guidance needs an edit model; {model.name} is a {model.task} model.")
+    width, height = parse_size(args.size) if args.size else DEFAULT_SIZE
+    if width % model.unit or height % model.unit:
+        raise CliError(f"--size must be multiples of {model.unit} px for {model.name} (VAE x patch), got "
+                       f"{width}x{height}.")
+    frames = DEFAULT_FRAMES if args.frames is None else args.frames
+    steps = args.steps or DEFAULT_STEPS
+    if frames < 1 or frames % TEMPORAL != 1:
+        below = max(1, (frames - 1) // TEMPORAL * TEMPORAL + 1)
+        raise CliError(f"--frames must be {TEMPORAL}k + 1 (the VAE's temporal scale), got {frames}; e.g. {below} "
+                       f"or {below + TEMPORAL}.")
+    link = INTERCONNECTS[args.interconnect]
+    load = video_workload(model, width, height, frames, steps)
+    ranked = rank_video_layouts(model, load, args.gpus, link)
+    experts = f", {model.experts} experts (one a step)" if model.experts > 1 else ""
+    print(f"{model.name} ({model.task}{experts}), {width}x{height}, {frames} frames ({load.tokens:,} video tokens), "
+          f"{steps} steps, {load.branches} branches, {args.gpus} GPU(s) over {link.name}; "
+          f"1 GPU: {ranked[0].total_s * ranked[0].speedup:.1f} s end to end")
+    print(table(ranked))
+    print("predicted on H100s from published one-GPU times, communication not overlapped with compute, the video\n"
+          "decoded on rank 0 (cfgpar/bench/video_model.py): the order is what to read, not the seconds")
+    print("best: " + video_command_line(model, ranked[0], steps=steps, size=(width, height), frames=frames,
+                                        model_arg=args.model))
     return 0
 
 
@@ -95,12 +144,14 @@ def load_model(name: str | None) -> ModelSpec:
     return model_spec(name, index, config)
 
 
-def model_spec(name: str, index: dict, config: dict) -> ModelSpec:
+def model_spec(name: str, index: dict, config: dict) -> ModelSpec | VideoModelSpec:
     """From a model_index.json and a transformer/config.json, both parsed."""
     class_name = index.get("_class_name")
+    if class_name in VIDEO_TASKS or config.get("_class_name") == "WanTransformer3DModel":
+        return video_model_spec(name, index, config)
     if class_name not in TASKS:
         raise ModelLoadError(f"model {name!r} has pipeline {class_name!r}; `cfgpar plan` knows "
-                             f"{', '.join(sorted(TASKS))}.")
+                             f"{', '.join(sorted({**TASKS, **VIDEO_TASKS}))}.")
     try:
         shape = TransformerShape.from_config(config)
     except (KeyError, TypeError, ValueError) as exc:
@@ -108,6 +159,20 @@ def model_spec(name: str, index: dict, config: dict) -> ModelSpec:
                              "QwenImageTransformer2DModel config.") from None
     area = int(index.get("_cfgpar", {}).get("condition_image_area", QWEN_IMAGE_EDIT.condition_area))
     return ModelSpec(name=name, task=TASKS[class_name], transformer=shape, condition_area=area)
+
+
+def video_model_spec(name: str, index: dict, config: dict) -> VideoModelSpec:
+    """A Wan folder: its task from the pipeline class (and expand_timesteps), its experts from transformer_2."""
+    try:
+        shape = WanShape.from_config(config)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ModelLoadError(f"model {name!r}: transformer/config.json lacks or garbles {exc}; expected a "
+                             "WanTransformer3DModel config.") from None
+    task = VIDEO_TASKS.get(index.get("_class_name"), "text-to-video")
+    if task == "text-to-video" and index.get("expand_timesteps"):
+        task = "text-image-to-video"
+    experts = 2 if (index.get("transformer_2") or [None, None])[-1] else 1
+    return VideoModelSpec(name=name, task=task, transformer=shape, experts=experts)
 
 
 def _read_json(path: Path) -> dict:
@@ -147,4 +212,16 @@ def command_line(model: ModelSpec, best: LayoutPrediction, *, vae: int, steps: i
         words.append("--image-guidance-scale 1.5")
     if model_arg:
         words.append(f"--model {shlex.quote(model_arg)}")
+    return " ".join(words)
+
+
+def video_command_line(model: VideoModelSpec, best: LayoutPrediction, *, steps: int, size: tuple[int, int],
+                       frames: int, model_arg: str | None) -> str:
+    """The `cfgpar video` command that runs the request on `best`'s layout (no VAE sharing for video)."""
+    lay, (width, height) = best.layout, size
+    words = ["cfgpar video --image IN.png" if model.task == "image-to-video" else "cfgpar video", '--prompt "..."']
+    if model_arg:
+        words.append(f"--model {shlex.quote(model_arg)}")
+    words += [f"--num-frames {frames}", f"--height {height} --width {width}", f"--num-inference-steps {steps}",
+              f"--cfg-parallel-size {lay.cfg}", f"--ulysses-degree {lay.ulysses}", f"--ring-degree {lay.ring}"]
     return " ".join(words)
