@@ -77,7 +77,12 @@ class VideoParams(BaseModel):
 
 
 def add_video_routes(app: FastAPI, config: ServerConfig, worker: EngineWorker, store: VideoStore) -> None:
-    @app.post("/v1/videos")
+    schema = VideoParams.model_json_schema()
+    form_schema = {**schema, "properties": {**schema["properties"], REFERENCE: {"type": "string", "format": "binary"}}}
+    create_schema = {"requestBody": {"required": True, "content": {
+        "multipart/form-data": {"schema": form_schema}, "application/json": {"schema": schema}}}}
+
+    @app.post("/v1/videos", openapi_extra=create_schema)
     async def create(request: Request):
         """Queue a video job (OpenAI: videos.create); answers the Video at once, status "queued"."""
         fields, upload = await _read_request(request)
@@ -185,7 +190,10 @@ async def _read_form(request: Request) -> tuple[dict[str, Any], bytes | None]:
                 upload = await value.read()
             elif key == f"{REFERENCE}[image_url]" or key == f"{REFERENCE}[file_id]":
                 # openai's client sends a reference object {image_url | file_id} as bracketed fields
-                fields[REFERENCE] = {**fields.get(REFERENCE, {}), key[len(REFERENCE) + 1:-1]: value}
+                reference = fields.get(REFERENCE, {})
+                if upload is not None or not isinstance(reference, dict):
+                    raise ServeError(400, f"{REFERENCE} is given twice.", param=REFERENCE)
+                fields[REFERENCE] = {**reference, key[len(REFERENCE) + 1:-1]: value}
             elif value != "" or key in ("prompt", "negative_prompt"):  # HTML forms send "" for blank
                 fields[key] = value
         return fields, upload
