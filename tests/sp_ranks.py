@@ -14,7 +14,8 @@ import numpy as np
 
 def run_layout(degrees: dict[str, int], jobs: list[tuple[str, list]], timeout_s: float = 600) -> list[list[np.ndarray]]:
     """degrees: {"cfg": c, "ring": r, "ulysses": u}; jobs: (model folder, [GenerationRequest, ...]).
-    Returns rank 0's pictures of every request, per job, as int16 arrays [images, H, W, 3]."""
+    Returns rank 0's pictures of every request, per job, as int16 arrays [images, H, W, 3] (a
+    video model's frames, every output's in turn)."""
     from cfgpar.distributed.mesh import serve_rendezvous
 
     world = math.prod(degrees.values())
@@ -61,7 +62,7 @@ def _rank(rank, rendezvous, degrees, jobs, queue) -> None:
             pipeline = import_pipeline(pipeline_path(folder)).from_pretrained(folder, device=device, dtype=torch.float32)
             parallelize(pipeline, mesh)
             results = [generate(pipeline, request, mesh) for request in requests]
-            pictures.append([np.stack([np.asarray(im, dtype=np.int16) for im in r.images]) for r in results]
+            pictures.append([np.stack([np.asarray(im, dtype=np.int16) for im in _frames(r)]) for r in results]
                             if rank == 0 else None)
         if rank == 0:
             queue.put(pictures)
@@ -70,3 +71,7 @@ def _rank(rank, rendezvous, degrees, jobs, queue) -> None:
         raise SystemExit(1)
     finally:
         leave()
+
+
+def _frames(result) -> list:
+    return result.images or [frame for video in result.videos for frame in video]

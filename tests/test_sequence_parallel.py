@@ -10,6 +10,9 @@ Which layouts are bit-identical to one rank, and why:
   another shape, within one level.)
 - Ring: attention over R key blocks is R partial softmaxes merged by log-sum-exp, which rounds
   differently from one softmax over all keys. Asserted within 1/255 per pixel (the issue's bound).
+- Wan (video): the tokens are sharded inside the transformer and gathered after its last block
+  (sp_wan.py); asserted within 1/255 per frame pixel for every layout: Wan's cross-attention and
+  per-token layers run on row subsets of another length, which rounds differently here.
 """
 
 import numpy as np
@@ -23,6 +26,7 @@ from cfgpar.distributed.sequence_parallel import QwenImageSequenceParallel, Sequ
 from cfgpar.models.embedded import EDIT_MODEL
 from cfgpar.omni import make_request
 from cfgpar.testing.tiny_models import write_tiny_qwen_image
+from cfgpar.testing.tiny_wan import write_tiny_wan
 from sp_ranks import run_layout
 
 NEG = "low quality, blurry"
@@ -34,6 +38,10 @@ EDIT3 = OmniDiffusionSamplingParams(true_cfg_scale=4.0, num_inference_steps=2, s
 # Guidance off: the CFG ranks split the 2 outputs, each output's tokens split over its sp ranks.
 UNGUIDED = OmniDiffusionSamplingParams(true_cfg_scale=1.0, num_inference_steps=2, seed=3, height=80, width=112,
                                        num_outputs_per_prompt=2)
+# Wan: 9 frames = 3 latent frames; 48 x 80 px = 3 x 5 tokens a frame (45 in all); TI2V (32 px a
+# token) at 64 x 96: 2 x 3 a frame, 18 in all, with its per-token timesteps (first frame given).
+WAN = OmniDiffusionSamplingParams(guidance_scale=5.0, num_inference_steps=2, seed=4, height=48, width=80, num_frames=9)
+TI2V = OmniDiffusionSamplingParams(guidance_scale=5.0, num_inference_steps=2, seed=4, height=64, width=96, num_frames=9)
 LAYOUTS = [(1, 2, 1), (1, 1, 2), (2, 2, 1), (2, 1, 2), (1, 2, 2), (3, 2, 1)]  # (cfg, ulysses, ring)
 
 
@@ -43,18 +51,33 @@ def t2i_folder(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def wan_folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sp-wan")
+    return {kind: write_tiny_wan(root / kind, kind=kind) for kind in ("t2v-a14b", "i2v", "ti2v")}
+
+
+@pytest.fixture(scope="module")
 def input_image():
     y, x = np.mgrid[0:96, 0:128]
     return Image.fromarray(np.stack([x * 2, y * 2, (x + y) % 256], axis=-1).astype(np.uint8))
 
 
-def _jobs(t2i_folder, image, cfg):
+def _jobs(t2i_folder, image, cfg, wan):
     prompt = {"prompt": "a blue square on the left", "negative_prompt": NEG}
     t2i = [make_request(0, prompt, T2I), make_request(3, prompt, UNGUIDED)]
     edit = {"prompt": "make the circle blue", "negative_prompt": NEG, "multi_modal_data": {"image": image}}
     edits = [make_request(1, edit, EDIT3)] if cfg == 3 else [make_request(1, edit, EDIT), make_request(2, edit, EDIT3)]
     # Qwen-Image (tiny, 2 heads) and Qwen-Image-Edit (the embedded model: 4 heads, zero_cond_t)
-    return [(t2i_folder, [] if cfg == 3 else t2i), (EDIT_MODEL, edits)]
+    jobs = [(t2i_folder, [] if cfg == 3 else t2i), (EDIT_MODEL, edits)]
+    if cfg < 3:  # Wan has two branches; its two experts, CLIP image context, per-token timesteps
+        video = {"prompt": "a cat running in the park", "negative_prompt": "blurry", "multi_modal_data": {"image": image}}
+        jobs += [(wan["t2v-a14b"], [make_request(4, {"prompt": video["prompt"]}, WAN)]),
+                 (wan["i2v"], [make_request(5, video, WAN)]), (wan["ti2v"], [make_request(6, video, TI2V)])]
+    return jobs
+
+
+def _names(cfg) -> list[str]:
+    return ["edit3"] if cfg == 3 else ["t2i", "unguided", "edit", "edit3", "wan-t2v-a14b", "wan-i2v", "wan-ti2v"]
 
 
 def _degrees(cfg, ulysses, ring):
@@ -62,18 +85,18 @@ def _degrees(cfg, ulysses, ring):
 
 
 @pytest.mark.exactness
-def test_every_layout_within_one_level_of_one_rank_and_ulysses_bit_identical(t2i_folder, input_image):
-    (t2i, unguided), (edit, edit3) = run_layout(_degrees(1, 1, 1), _jobs(t2i_folder, input_image, 1))
-    reference = {"t2i": t2i, "unguided": unguided, "edit": edit, "edit3": edit3}
+def test_every_layout_within_one_level_of_one_rank_and_ulysses_bit_identical(t2i_folder, input_image,
+                                                                             wan_folders):
+    got = run_layout(_degrees(1, 1, 1), _jobs(t2i_folder, input_image, 1, wan_folders))
+    reference = dict(zip(_names(1), [p for job in got for p in job]))
     for cfg, ulysses, ring in LAYOUTS:
-        got = run_layout(_degrees(cfg, ulysses, ring), _jobs(t2i_folder, input_image, cfg))
-        names = [[], ["edit3"]] if cfg == 3 else [["t2i", "unguided"], ["edit", "edit3"]]
-        for name, picture in zip([n for job in names for n in job], [p for job in got for p in job]):
+        got = run_layout(_degrees(cfg, ulysses, ring), _jobs(t2i_folder, input_image, cfg, wan_folders))
+        for name, picture in zip(_names(cfg), [p for job in got for p in job]):
             where = f"layout cfg {cfg} x ulysses {ulysses} x ring {ring}, request {name}"
             assert picture.shape == reference[name].shape, where
             assert np.abs(picture - reference[name]).max() <= 1, where
             split_batch = name == "unguided" and cfg > 1  # batch 1 per CFG rank against batch 2 on one rank
-            if ring == 1 and not split_batch:
+            if ring == 1 and not split_batch and not name.startswith("wan"):
                 assert np.array_equal(picture, reference[name]), where
 
 
