@@ -39,7 +39,8 @@ STARTING, READY, RESTARTING, FAILED, STOPPING = "starting", "ready", "restarting
 
 @dataclass(eq=False)
 class Job:
-    """One HTTP request's generation. `future` gets the OmniRequestOutput or a ServeError."""
+    """One generation: an image request's (its client waits) or a video job's (polled). `future` gets
+    the OmniRequestOutput or a ServeError."""
 
     prompt: dict[str, Any]
     params: OmniDiffusionSamplingParams
