@@ -9,6 +9,8 @@ import pytest
 from PIL import Image
 
 from cfgpar.testing.tiny_models import write_tiny_qwen_image
+from cfgpar.testing.tiny_wan import write_tiny_wan
+from cfgpar.video_io import read_mp4
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples" / "offline_inference"
@@ -23,7 +25,9 @@ def models(tmp_path_factory):
     t2i = write_tiny_qwen_image(root / "t2i", edit=False, vae_scale_factor=8, options=options)
     picture = root / "in.png"
     Image.new("RGB", (64, 64), (200, 30, 30)).save(picture)
-    return {"edit": edit, "t2i": t2i, "picture": picture}
+    wan = write_tiny_wan(root / "wan-t2v", kind="t2v")
+    wan_i2v = write_tiny_wan(root / "wan-i2v-a14b", kind="i2v-a14b")
+    return {"edit": edit, "t2i": t2i, "picture": picture, "wan": wan, "wan_i2v": wan_i2v}
 
 
 def cli(*args, cwd=None):
@@ -58,6 +62,21 @@ def test_generate(models, tmp_path):
     assert Image.open(out).size == (32, 48) and "on 2 ranks: ring 2" in done.stdout
 
 
+def frames(path) -> np.ndarray:
+    return np.stack([np.asarray(frame) for frame in read_mp4(path)[0]])
+
+
+def test_video(models, tmp_path):
+    out = tmp_path / "clip.mp4"
+    done = cli("video", "--model", models["wan"], "--prompt", "a cat running", "--num-frames", 9, "--height", 48,
+               "--width", 64, "--num-inference-steps", 2, "--fps", 8, "--threads-per-rank", 1, "--output", out)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "9 frames of 64x48 at 8 fps, 2 CFG branch(es) on 2 ranks: cfg 2" in done.stdout
+    assert "denoise" in done.stderr  # the progress bar, from rank 0
+    clip, fps = read_mp4(out)
+    assert len(clip) == 9 and clip[0].size == (64, 48) and fps == 8
+
+
 @pytest.mark.parametrize("args,message", [
     (["edit", "--image", "missing.png", "--prompt", "x"], "--image 'missing.png': no such file"),
     (["edit", "--image", "{notimage}", "--prompt", "x"], "is not a picture PIL can read"),
@@ -69,11 +88,19 @@ def test_generate(models, tmp_path):
     (["generate", "--prompt", "x", "--model", "{t2i}", "--ulysses-degree", "4"],
      "ulysses_degree=4 does not divide the model's 2 attention heads"),
     (["edit", "--image", "{picture}", "--prompt", "x", "--model", "{edit}", "--output", "out.txt"], "--output must end in"),
+    (["video", "--prompt", "x", "--model", "{wan}", "--num-frames", "10", "--height", "32", "--width", "32"],
+     "num_frames must be 4k + 1 for this model; got 10, the nearest allowed are 9 and 13"),
+    (["video", "--prompt", "x", "--model", "{wan}", "--output", "clip.gif"], "--output must end in .mp4"),
+    (["video", "--prompt", "x", "--model", "{t2i}"], "`cfgpar video` needs a video model"),
+    (["generate", "--prompt", "x", "--model", "{wan}"], "is a text-to-video model"),
+    (["video", "--prompt", "x", "--model", "{wan}", "--vae-patch-parallel-size", "2"],
+     "the VAE decode over ranks is for image models"),
 ])
 def test_errors_are_one_line(models, tmp_path, args, message):
     notimage = tmp_path / "not-an-image.png"
     notimage.write_text("hello")
-    args = [a.format(notimage=notimage, t2i=models["t2i"], edit=models["edit"], picture=models["picture"]) for a in args]
+    args = [a.format(notimage=notimage, t2i=models["t2i"], edit=models["edit"], picture=models["picture"],
+                     wan=models["wan"]) for a in args]
     done = cli(*args, cwd=tmp_path)
     assert done.returncode != 0
     lines = [line for line in done.stderr.splitlines() if line.startswith("cfgpar: error:")]
@@ -107,3 +134,25 @@ def test_example_scripts_same_picture_on_1_and_2_ranks_at_same_threads_per_rank(
         capture_output=True, text=True, timeout=600, cwd=script.parent)
     assert done.returncode == 0, done.stderr[-2000:]
     assert np.array_equal(pixels(out), outs[0])
+
+
+@pytest.mark.exactness
+def test_video_example_scripts_same_frames_on_1_and_2_ranks_at_same_threads_per_rank(models, tmp_path):
+    for script, model, extra in (
+        (EXAMPLES / "text_to_video" / "text_to_video.py", models["wan"], []),
+        (EXAMPLES / "image_to_video" / "image_to_video.py", models["wan_i2v"], ["--image", models["picture"],
+                                                                              "--guidance-scale-high", "3.0"]),
+    ):
+        outs = []
+        for size in (1, 2):
+            out = tmp_path / f"{script.stem}-{size}.mp4"
+            done = subprocess.run(
+                [sys.executable, script, "--model", model, *map(str, extra), "--prompt", "a cat turns its head",
+                 "--negative-prompt", "blurry", "--height", "32", "--width", "48", "--num-frames", "5",
+                 "--num-inference-steps", "2", "--output", out, "--cfg-parallel-size", str(size),
+                 "--threads-per-rank", "1"],
+                capture_output=True, text=True, timeout=600, cwd=script.parent)
+            assert done.returncode == 0, done.stderr[-2000:]
+            assert f"Saved video to {out} (5 frames" in done.stdout
+            outs.append(frames(out))
+        assert outs[0].shape == (5, 32, 48, 3) and np.array_equal(outs[0], outs[1])
