@@ -65,10 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="time CFG-Parallel against cfg_parallel_size=1 and diffusers")
     bench.add_argument("--runs", type=int, default=3, help="timed requests per sweep point, after a warm-up (default 3)")
     bench.add_argument("--rounds", type=int, default=5,
-                       help="interleaved rounds of the headline: cfgpar and the bare program (default 5)")
+                       help="interleaved rounds of the headline and of the video case: cfgpar and the bare "
+                            "program (default 5)")
     bench.add_argument("--quick", action="store_true", help="fewer sweep points and one run each (plumbing check)")
     bench.add_argument("--sequence-parallel", action="store_true",
                        help="only the sequence-parallel cases (Ulysses 2, Ring 2 vs 1 rank); writes bench-sp.json/.md")
+    bench.add_argument("--video", action="store_true",
+                       help="only the video case (Wan text-to-video, cfg 2 vs 1); writes bench-video.json/.md")
     bench.add_argument("--num-layers", type=int, default=8, help="transformer blocks of the benchmark model")
     bench.add_argument("--out", default="benchmarks/results", help="where bench.json, bench.md and the plot go")
     bench.add_argument("--verbose", "-v", action="store_true")
@@ -174,14 +177,20 @@ def run_bench(args) -> int:
     from cfgpar.bench import report, suite
     from cfgpar.bench.measure import Point
 
-    cfg = suite.BenchConfig(num_layers=args.num_layers, runs=args.runs, headline_rounds=args.rounds, out=Path(args.out))
+    cfg = suite.BenchConfig(num_layers=args.num_layers, runs=args.runs, headline_rounds=args.rounds,
+                            video_rounds=args.rounds, out=Path(args.out))
     if args.quick:
         cfg = suite.BenchConfig(num_layers=2, runs=1, headline_rounds=1, headline=Point(64, 4), sizes=(64, 96),
                                 sweep_steps=4, steps=(2, 4), steps_size=64, sp_sizes=(64,), sp_steps=2, sp_rounds=1,
-                                out=Path(args.out))
+                                video=Point(64, 2, frames=5), video_rounds=1, out=Path(args.out))
     log = lambda line: print(f"cfgpar bench: {line}", flush=True)  # noqa: E731
     if args.sequence_parallel:
         return _bench_sequence_parallel(cfg, log)
+    if args.video:
+        from dataclasses import asdict
+
+        print(report.write_video(suite.run_video(cfg, log), suite.machine(), suite.jsonable(asdict(cfg)), cfg.out))
+        return 0
     results = suite.run(cfg, log=log)
     paths = report.write(results, cfg.out)
     print(report.markdown(results))

@@ -34,3 +34,9 @@ def test_quick_bench_reports_share_of_the_bare_speedup(tmp_path):
         assert abs(case[name]["share"] - case[name]["speedup"] / case["bare"]) < 1e-9
     assert case["rows"]["cfgpar_1"]["sp_exchange_s"] == 0
     assert "| 16 | 64 | 2 | ulysses 2 |" in report and "| 16 | 64 | 2 | ring 2 |" in report
+    # the video case: Wan text-to-video at cfg 2 against 1, as a share of the bare ratio of its round
+    clip = results["video"]
+    assert clip["frames"] == 5 and clip["tokens"] == 2 * 4 * 4
+    assert abs(clip["versus_bare"]["denoise_share"] - clip["versus_bare"]["denoise"] / clip["versus_bare"]["bare"]) < 1e-9
+    assert clip["rows"]["bare_2"]["loop_s"] > 0 and clip["rows"]["cfgpar_2"]["branches"] == 2
+    assert f"**{clip['versus_bare']['denoise_share']:.1%}**" in report and "Video (Wan text-to-video" in report

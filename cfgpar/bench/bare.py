@@ -134,9 +134,14 @@ def _setup(spec: BareSpec, rank: int, rendezvous: RendezvousInfo):
     plan = pipeline.prepare(request, [0])
     mine = branches[rank::spec.ranks]
     g = torch.Generator().manual_seed(rank)
-    randomise = lambda x: torch.randn(x.shape, generator=g, dtype=x.dtype) if torch.is_tensor(x) else x  # noqa: E731
-    plan.extras = {k: randomise(v) for k, v in plan.extras.items()}
-    conds = [{k: randomise(v) for k, v in pipeline.encode(request, b, plan).items()} for b in mine]
+
+    def randomise(x):  # tensors (alone or in a dict) drawn anew, the rest kept
+        if isinstance(x, dict):
+            return {k: randomise(v) for k, v in x.items()}
+        return torch.randn(x.shape, generator=g, dtype=x.dtype) if torch.is_tensor(x) else x
+
+    plan.extras = randomise(plan.extras)
+    conds = [randomise(pipeline.encode(request, b, plan)) for b in mine]
     latents = randomise(plan.latents)
 
     def forwards() -> dict:

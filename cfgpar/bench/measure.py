@@ -23,15 +23,19 @@ NEGATIVE = "low quality, blurry"
 
 @dataclass(frozen=True)
 class Point:
-    """One request shape: output side in px, steps, and whether to add the image branch."""
+    """One request shape: output side in px, steps, whether to add the image branch, and the
+    frames of a video (0: a picture)."""
 
     size: int
     steps: int
     three_branch: bool = False
+    frames: int = 0
 
     @property
     def tokens(self) -> int:
-        return (self.size // 16) ** 2
+        """Transformer tokens of the output: 16 px a side each, times Wan's latent frames (4 a frame)."""
+        latent_frames = (self.frames - 1) // 4 + 1 if self.frames else 1
+        return latent_frames * (self.size // 16) ** 2
 
 
 def bench_image(size: int) -> Image.Image:
@@ -51,6 +55,11 @@ def _prompt(point: Point, edit: bool) -> dict:
 def request(point: Point, edit: bool):
     """The benchmark's prompt and sampling parameters at one point (true CFG, seed 0)."""
     from cfgpar import OmniDiffusionSamplingParams
+
+    if point.frames:  # Wan: plain CFG at its default scale
+        params = OmniDiffusionSamplingParams(guidance_scale=5.0, num_inference_steps=point.steps, seed=0,
+                                             height=point.size, width=point.size, num_frames=point.frames)
+        return {"prompt": "a blue circle rolls across a grey floor", "negative_prompt": NEGATIVE}, params
 
     params = OmniDiffusionSamplingParams(
         true_cfg_scale=4.0, num_inference_steps=point.steps, seed=0, height=point.size, width=point.size,
@@ -104,6 +113,25 @@ def beside_bare(folder: Path, point: Point, *, edit: bool, engines: dict[str, di
             bare = stack.enter_context(BareProgram(BareSpec(folder=folder, prompt=prompt, params=params, ranks=ranks)))
             contestants[f"bare_{ranks}"] = bare.run
         return interleaved(contestants, rounds)
+
+
+def versus_bare(rows: dict[str, list[dict]], steps: int) -> dict:
+    """cfgpar's speedup as a share of the bare program's, round by round (the four runs of one
+    round saw the same host), then the median over rounds. Also the time of one forward in
+    each run, which shows whether cfgpar's forwards slow down more beside each other than the
+    bare program's, and the bare ranks' imbalance (the longer prompt's rank waits less)."""
+    rounds = []
+    for c1, c2, b1, b2 in zip(rows["cfgpar_1"], rows["cfgpar_2"], rows["bare_1"], rows["bare_2"]):
+        bare = b1["loop_s"] / b2["loop_s"]
+        denoise, end_to_end = c1["denoise_s"] / c2["denoise_s"], c1["total_s"] / c2["total_s"]
+        rounds.append(dict(bare=bare, denoise=denoise, end_to_end=end_to_end, denoise_share=denoise / bare,
+                           end_to_end_share=end_to_end / bare))
+    # One process runs both branches' forwards each step, each of two processes one.
+    forwards = {"cfgpar_1": 2 * steps, "cfgpar_2": steps, "bare_1": 2 * steps, "bare_2": steps}
+    one_forward_s = {name: statistics.median(r["forward_s"] for r in rows[name]) / n for name, n in forwards.items()}
+    by_rank = [statistics.median(r["forward_s_by_rank"][i] for r in rows["bare_2"]) for i in range(2)]
+    return dict(rounds=rounds, **{k: statistics.median(r[k] for r in rounds) for k in rounds[0]},
+                one_forward_s=one_forward_s, bare_2_forward_s_by_rank=by_rank)
 
 
 def median_row(rows: list[dict]) -> dict:

@@ -6,7 +6,7 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from cfgpar.bench import sequence
+from cfgpar.bench import sequence, video
 from cfgpar.bench.suite import Results
 
 HEADLINE_ROWS = [
@@ -29,11 +29,20 @@ def write(results: Results, out: Path) -> list[Path]:
 
 def write_sequence_parallel(cases: list[dict], machine: dict, config: dict, out: Path) -> str:
     """`cfgpar bench --sequence-parallel`'s bench-sp.json (everything) and bench-sp.md; returns the Markdown."""
-    text = "\n".join([machine_line(machine), *sequence.lines(cases, config["sp_rounds"])]) + "\n"
+    return _write_part("bench-sp", "sequence_parallel", cases, sequence.lines(cases, config["sp_rounds"]),
+                       machine, config, out)
+
+
+def write_video(case: dict, machine: dict, config: dict, out: Path) -> str:
+    """`cfgpar bench --video`'s bench-video.json (everything) and bench-video.md; returns the Markdown."""
+    return _write_part("bench-video", "video", case, video.lines(case), machine, config, out)
+
+
+def _write_part(stem: str, key: str, data, lines: list[str], machine: dict, config: dict, out: Path) -> str:
+    text = "\n".join([machine_line(machine), *lines]) + "\n"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "bench-sp.json").write_text(json.dumps({"machine": machine, "config": config, "sequence_parallel": cases},
-                                                  indent=2))
-    (out / "bench-sp.md").write_text(text)
+    (out / f"{stem}.json").write_text(json.dumps({"machine": machine, "config": config, key: data}, indent=2))
+    (out / f"{stem}.md").write_text(text)
     return text
 
 
@@ -68,6 +77,8 @@ def markdown(results: Results) -> str:
     lines += versus_bare_lines(results)
     if results.sequence_parallel:
         lines += sequence.lines(results.sequence_parallel, c["sp_rounds"])
+    if results.video:
+        lines += video.lines(results.video)
     v = results.versus_diffusers
     ours, theirs = v["cfgpar_1"], v["diffusers_1"]
     lines += ["", f"Against diffusers' QwenImagePipeline on the same folder (text-to-image {v['size']} px, {v['steps']} "

@@ -8,7 +8,6 @@ plot under benchmarks/results/."""
 from __future__ import annotations
 
 import platform
-import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -16,10 +15,11 @@ from pathlib import Path
 
 import torch
 
-from cfgpar.bench import sequence
+from cfgpar.bench import sequence, video
 from cfgpar.bench.cost_model import RequestCosts, speedup
 from cfgpar.bench.measure import (
     Point, beside_bare, cfgpar_row, interleaved, measure_allgather, measure_diffusers, median_row, open_omni,
+    versus_bare,
 )
 from cfgpar.omni import available_cores
 
@@ -53,6 +53,10 @@ class BenchConfig:
     sp_steps: int = 4
     sp_rounds: int = 3
     """Interleaved rounds of each sequence-parallel case."""
+    video: Point = Point(128, 8, frames=17)
+    """The Wan text-to-video case: side in px, steps, frames (5 latent frames x 8 x 8 = 320 tokens)."""
+    video_rounds: int = 3
+    """Interleaved rounds of the video case (cfgpar at cfg 1 and 2, the bare program)."""
     out: Path = Path("benchmarks/results")
 
 
@@ -65,6 +69,7 @@ class Results:
     versus_diffusers: dict = field(default_factory=dict)
     versus_bare: dict = field(default_factory=dict)
     sequence_parallel: list = field(default_factory=list)
+    video: dict = field(default_factory=dict)
 
 
 def build_models(cfg: BenchConfig, root: Path) -> tuple[Path, Path]:
@@ -134,6 +139,7 @@ def run(cfg: BenchConfig, log=print) -> Results:
         diffusers_1=measure_diffusers(t2i_folder, edit=False, threads=1, points=[cfg.headline], runs=cfg.runs)[0],
     )
     results.sequence_parallel = run_sequence_parallel(cfg, t2i_folder, log)
+    results.video = run_video(cfg, log)
     results.config["wall_s"] = time.perf_counter() - started
     return results
 
@@ -149,6 +155,26 @@ def run_sequence_parallel(cfg: BenchConfig, t2i_folder: Path, log=print) -> list
     return cases
 
 
+def build_wan(cfg: BenchConfig, root: Path) -> Path:
+    """A random-weight Wan 2.1 text-to-video folder, the transformer as wide and deep as the
+    picture benchmark's (written once, then reused)."""
+    from cfgpar.testing.tiny_wan import write_tiny_wan
+
+    folder = root / f"wan-t2v-l{cfg.num_layers}-h{cfg.heads}x{cfg.head_dim}"
+    if not (folder / "model_index.json").exists():
+        write_tiny_wan(folder, kind="t2v", num_layers=cfg.num_layers, num_attention_heads=cfg.heads,
+                       attention_head_dim=cfg.head_dim)
+    return folder
+
+
+def run_video(cfg: BenchConfig, log=print) -> dict:
+    """Wan text-to-video, cfg 2 against 1 beside the bare program (bench/video.py)."""
+    point = cfg.video
+    log(f"video: Wan text-to-video {point.size}px, {point.frames} frames ({point.tokens} tokens), {point.steps} "
+        f"steps, cfg 1 and 2 and the bare program in {cfg.video_rounds} interleaved rounds")
+    return video.measure(build_wan(cfg, Path(".cache/bench")), point, cfg.video_rounds)
+
+
 def measure_versus_bare(folder: Path, point: Point, *, edit: bool, rounds: int) -> dict[str, list[dict]]:
     """cfgpar at cfg sizes 1 and 2 (one thread per rank) and at size 1 on all the threads, beside
     the bare program on one process and on two. Each contestant's rows, in round order."""
@@ -162,25 +188,6 @@ def measure_pair(folder: Path, point: Point, *, edit: bool, sizes: tuple[int, in
     with open_omni(folder, sizes[0], 1) as a, open_omni(folder, sizes[1], 1) as b:
         rows = interleaved({0: partial(cfgpar_row, a, point, edit), 1: partial(cfgpar_row, b, point, edit)}, rounds)
     return [median_row(rows[0]), median_row(rows[1])]
-
-
-def versus_bare(rows: dict[str, list[dict]], steps: int) -> dict:
-    """cfgpar's speedup as a share of the bare program's, round by round (the four runs of one
-    round saw the same host), then the median over rounds. Also the time of one forward in
-    each run, which shows whether cfgpar's forwards slow down more beside each other than the
-    bare program's, and the bare ranks' imbalance (the longer prompt's rank waits less)."""
-    rounds = []
-    for c1, c2, b1, b2 in zip(rows["cfgpar_1"], rows["cfgpar_2"], rows["bare_1"], rows["bare_2"]):
-        bare = b1["loop_s"] / b2["loop_s"]
-        denoise, end_to_end = c1["denoise_s"] / c2["denoise_s"], c1["total_s"] / c2["total_s"]
-        rounds.append(dict(bare=bare, denoise=denoise, end_to_end=end_to_end, denoise_share=denoise / bare,
-                           end_to_end_share=end_to_end / bare))
-    # One process runs both branches' forwards each step, each of two processes one.
-    forwards = {"cfgpar_1": 2 * steps, "cfgpar_2": steps, "bare_1": 2 * steps, "bare_2": steps}
-    one_forward_s = {name: statistics.median(r["forward_s"] for r in rows[name]) / n for name, n in forwards.items()}
-    by_rank = [statistics.median(r["forward_s_by_rank"][i] for r in rows["bare_2"]) for i in range(2)]
-    return dict(rounds=rounds, **{k: statistics.median(r[k] for r in rounds) for k in rounds[0]},
-                one_forward_s=one_forward_s, bare_2_forward_s_by_rank=by_rank)
 
 
 def costs_from(one_rank: dict, point: Point, allgather_s: float, branches: int = 2) -> RequestCosts:

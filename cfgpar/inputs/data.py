@@ -32,6 +32,21 @@ def _check_float(name: str, value, low: float, high: float, *, optional: bool = 
         raise ValueError(f"{name} must be between {low} and {high}, got {value}.")
 
 
+def allowed_frames(frames: int, unit: int) -> tuple[int, int]:
+    """The frame counts unit * k + 1 nearest below (at least 1) and above `frames` (a video VAE
+    keeps the first frame and compresses each following `unit` frames into one latent frame)."""
+    below = max(1, (frames - 1) // unit * unit + 1)
+    return below, below + unit
+
+
+def frame_count_error(frames: int, unit: int) -> str | None:
+    """The one sentence for a frame count that is not unit * k + 1, naming the nearest allowed; None if allowed."""
+    if unit <= 1 or (frames >= 1 and frames % unit == 1):
+        return None
+    below, above = allowed_frames(frames, unit)
+    return f"num_frames must be {unit}k + 1 for this model; got {frames}, the nearest allowed are {below} and {above}."
+
+
 @dataclass(frozen=True, kw_only=True)
 class OmniDiffusionSamplingParams:
     """Sampling parameters of one request. Validated at construction."""

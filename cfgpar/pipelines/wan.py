@@ -29,6 +29,7 @@ from PIL import Image
 
 from cfgpar.engine.request import GenerationRequest
 from cfgpar.guidance import Branch, Guidance, cfg, make_combine, unguided
+from cfgpar.inputs.data import frame_count_error
 from cfgpar.models.loader import model_options
 from cfgpar.pipelines.base import DiffusionPipeline, Plan, RequestError
 
@@ -42,12 +43,6 @@ def prompt_clean(text: str) -> str:
 
     text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
     return re.sub(r"\s+", " ", text).strip()
-
-
-def allowed_frames(num_frames: int, temporal: int) -> tuple[int, int]:
-    """The allowed frame counts (temporal * k + 1) nearest below and above num_frames."""
-    below = (num_frames - 1) // temporal * temporal + 1
-    return below, below + temporal
 
 
 class WanVideoPipeline(DiffusionPipeline):
@@ -147,11 +142,9 @@ class WanVideoPipeline(DiffusionPipeline):
         if params.max_sequence_length != 512 and self.image_encoder is not None:
             raise RequestError("this model's transformer splits its context at 512 text tokens: leave "
                                f"max_sequence_length at 512 (got {params.max_sequence_length}).")
-        frames = self.num_frames(request)
-        if frames % self.temporal != 1 and self.temporal > 1:
-            below, above = allowed_frames(frames, self.temporal)
-            raise RequestError(f"num_frames must be {self.temporal}k + 1 for this model; got {frames}, the nearest "
-                               f"allowed are {below} and {above}.")
+        error = frame_count_error(self.num_frames(request), self.temporal)
+        if error:
+            raise RequestError(error)
         self.output_size(request)
 
     def num_frames(self, request: GenerationRequest) -> int:

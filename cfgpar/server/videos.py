@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException
 
-from cfgpar.inputs.data import MAX_FPS, OmniDiffusionSamplingParams
+from cfgpar.inputs.data import MAX_FPS, OmniDiffusionSamplingParams, allowed_frames, frame_count_error
 from cfgpar.server.errors import ServeError
 from cfgpar.server.validation import check_prompt, check_size, decode_image, parse_size, validation_message
 from cfgpar.server.video_store import VideoRecord, VideoStore, new_video_id
@@ -280,10 +280,9 @@ def _frames(params: VideoParams, info: dict, fps: int, config: ServerConfig) -> 
     seconds = _seconds(params.seconds)
     if params.num_frames is not None:
         frames = params.num_frames
-        if frames < 1 or frames % unit != 1 % unit:
-            below = max(1, (frames - 1) // unit * unit + 1)
-            raise ServeError(400, f"num_frames must be {unit}k + 1 for this model; got {frames}, the nearest allowed "
-                             f"are {below} and {below + unit}.", param="num_frames")
+        error = frame_count_error(frames, unit)
+        if error:
+            raise ServeError(400, error, param="num_frames")
     elif seconds is not None:
         frames = nearest_allowed(seconds * fps, unit)
     else:
@@ -300,10 +299,9 @@ def _frames(params: VideoParams, info: dict, fps: int, config: ServerConfig) -> 
 
 def nearest_allowed(frames: int, unit: int) -> int:
     """The frame count unit*k + 1 nearest `frames`; on a tie the longer one (at least what was asked)."""
-    below = max(1, (frames - 1) // unit * unit + 1)
+    below, above = allowed_frames(frames, unit)
     if below >= frames:  # `frames` is allowed
         return below
-    above = below + unit
     return below if frames - below < above - frames else above
 
 

@@ -115,7 +115,7 @@ def write_tiny_wan(path, *, kind: str = "t2v", seed: int = 0, num_layers: int = 
     seed + 1), so equal arguments write equal weights; the caller's RNG state is untouched.
     ``options`` become model_index.json's ``"_cfgpar"`` entry."""
     from diffusers import UniPCMultistepScheduler, WanTransformer3DModel
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, UMT5Config, UMT5EncoderModel
+    from transformers import UMT5Config, UMT5EncoderModel
 
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}.")
@@ -152,12 +152,16 @@ def write_tiny_wan(path, *, kind: str = "t2v", seed: int = 0, num_layers: int = 
             text_encoder.shared.weight.normal_(0.0, 1.0)
         text_encoder.save_pretrained(path / "text_encoder")
         if kind == "i2v":
+            from transformers import CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModel
+
             torch.manual_seed(seed)
             CLIPVisionModel(CLIPVisionConfig(
                 hidden_size=clip_dim, projection_dim=clip_dim, num_hidden_layers=2, num_attention_heads=2,
                 image_size=32, intermediate_size=16, patch_size=8,
             )).save_pretrained(path / "image_encoder")
-            CLIPImageProcessor(crop_size=32, size=32).save_pretrained(path / "image_processor")
+            # The PIL processor is what CLIPImageProcessor gives without torchvision; saved, it
+            # loads as either.
+            CLIPImageProcessorPil(crop_size=32, size=32).save_pretrained(path / "image_processor")
     UniPCMultistepScheduler(**WAN_SCHEDULER_CONFIG).save_pretrained(path / "scheduler")
     tokenizer.save_pretrained(path / "tokenizer")
     index = _model_index(kind)
