@@ -39,6 +39,8 @@ def _add_video_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guidance-scale-2", "--guidance-scale-high", dest="guidance_scale_2", type=float, default=None,
                    help="Wan 2.2 A14B: the low-noise expert's scale (default: --guidance-scale)")
     p.add_argument("--num-frames", type=int, default=None, help="frames, 4k + 1 (default: the model's, 81)")
+    p.add_argument("--flow-shift", type=float, default=None,
+                   help="timestep shift of the schedule (Wan: 3.0 for 480p, 5.0 for 720p; default: the model's)")
     p.add_argument("--fps", type=int, default=None, help="frames per second of the MP4 (default: the model's)")
     p.add_argument("--height", type=int, default=None, help="height in px (default: the model's, 480)")
     p.add_argument("--width", type=int, default=None, help="width in px (default: the model's, 832)")
@@ -153,7 +155,7 @@ def run_video(args) -> int:
     params = OmniDiffusionSamplingParams(
         guidance_scale=args.guidance_scale, guidance_scale_2=args.guidance_scale_2, num_frames=args.num_frames,
         fps=args.fps, height=args.height, width=args.width, num_inference_steps=args.num_inference_steps,
-        seed=args.seed,
+        seed=args.seed, flow_shift=args.flow_shift,
     )
     prompt = {"prompt": args.prompt, "negative_prompt": args.negative_prompt}
     if args.image:

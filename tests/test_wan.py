@@ -98,6 +98,28 @@ def test_matches_diffusers(folders, first_frame, kind, with_image):
     assert np.abs(diffusers_frames(folders[kind], kind, image, **other) - reference).max() > 2
 
 
+def test_flow_shift_matches_diffusers_scheduler_with_that_shift(folders):
+    """Per request, as diffusers' docs set it: UniPCMultistepScheduler.from_config(config, flow_shift=...)."""
+    from diffusers import UniPCMultistepScheduler
+
+    with Omni(str(folders["t2v"]), DiffusionParallelConfig(cfg_parallel_size=1), threads_per_rank=1,
+              progress_bar=False) as omni:
+        (out,) = omni.generate(prompt(None), params("t2v", flow_shift=8.0))
+        (default,) = omni.generate(prompt(None), params("t2v"))  # the folder's 3.0 again after it
+    ours = np.stack([np.asarray(frame, dtype=np.int16) for frame in out.videos[0]])
+    pipe = diffusers_pipeline(folders["t2v"], False)
+    folder_scheduler = pipe.scheduler
+    pipe.scheduler = UniPCMultistepScheduler.from_config(folder_scheduler.config, flow_shift=8.0)
+    try:
+        reference = diffusers_frames(folders["t2v"], "t2v", None)
+    finally:
+        pipe.scheduler = folder_scheduler
+    assert np.abs(ours - reference).max() <= 1
+    folder_default = cfgpar_frames(folders["t2v"], "t2v", None, 1)
+    assert np.abs(reference - folder_default).max() > 2  # the shift matters
+    assert np.array_equal(np.stack([np.asarray(f, dtype=np.int16) for f in default.videos[0]]), folder_default)
+
+
 @pytest.mark.exactness
 @pytest.mark.parametrize("kind,with_image", CASES, ids=IDS)
 def test_cfg_1_and_2_bit_identical_at_same_threads_per_rank(folders, first_frame, kind, with_image):

@@ -92,6 +92,11 @@ class OmniDiffusionSamplingParams:
     """Frames of a video (4k + 1 for Wan: 17, 33, 81, ...); None takes the model's default (81).
     Allowed: 1 to 1025."""
 
+    flow_shift: float | None = None
+    """Wan: the timestep shift of the flow-matching schedule (diffusers' and vLLM-Omni's
+    flow_shift; Wan recommends 3.0 at 480p, 5.0 at 720p). None takes the model's scheduler
+    config. Allowed: 0.1 to 100."""
+
     fps: int | None = None
     """Frames per second the video is written at (the MP4's rate, not what is generated);
     None takes the model's default (16 for Wan 2.1 and 2.2 A14B, 24 for TI2V-5B). Allowed: 1 to 120."""
@@ -109,3 +114,4 @@ class OmniDiffusionSamplingParams:
         _check_float("guidance_scale_2", self.guidance_scale_2, 0.0, 100.0, optional=True)
         _check_int("num_frames", self.num_frames, 1, MAX_FRAMES, optional=True)
         _check_int("fps", self.fps, 1, MAX_FPS, optional=True)
+        _check_float("flow_shift", self.flow_shift, 0.1, 100.0, optional=True)

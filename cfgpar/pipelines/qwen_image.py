@@ -29,7 +29,7 @@ T2I_TEMPLATE = (
 )
 T2I_TEMPLATE_DROP = 34  # tokens of the template's system prefix, dropped from the embeddings
 TOKENIZER_MAX_LENGTH = 1024
-VIDEO_PARAMS = ("num_frames", "fps", "guidance_scale", "guidance_scale_2")
+VIDEO_PARAMS = ("num_frames", "fps", "guidance_scale", "guidance_scale_2", "flow_shift")
 
 
 def calculate_shift(seq_len: int, base_seq: int, max_seq: int, base_shift: float, max_shift: float) -> float:

@@ -58,7 +58,7 @@ class WanVideoPipeline(DiffusionPipeline):
         self.video_vae = vae.eval()  # not `vae`: the band decode over ranks is for pictures
         self.text_encoder = text_encoder.eval()
         self.tokenizer = tokenizer
-        self.scheduler = scheduler
+        self.folder_scheduler = self.scheduler = scheduler
         self.image_encoder = image_encoder.eval() if image_encoder is not None else None
         self.image_processor = image_processor
         self.device, self.dtype = device, dtype
@@ -142,6 +142,9 @@ class WanVideoPipeline(DiffusionPipeline):
         if params.max_sequence_length != 512 and self.image_encoder is not None:
             raise RequestError("this model's transformer splits its context at 512 text tokens: leave "
                                f"max_sequence_length at 512 (got {params.max_sequence_length}).")
+        if params.flow_shift is not None and "flow_shift" not in self.folder_scheduler.config:
+            raise RequestError(f"flow_shift applies to schedulers with flow sigmas; this model's "
+                               f"{type(self.folder_scheduler).__name__} has none (leave flow_shift unset).")
         error = frame_count_error(self.num_frames(request), self.temporal)
         if error:
             raise RequestError(error)
@@ -172,6 +175,11 @@ class WanVideoPipeline(DiffusionPipeline):
         # generator), then this rank's rows: the same noise for the same output on every rank.
         noise = torch.randn(shape, generator=torch.Generator("cpu").manual_seed(request.seed), dtype=torch.float32)
         latents = noise[rows].to(self.device)
+        shift = request.params.flow_shift
+        # This request's scheduler: the folder's, or the same with another shift (as diffusers'
+        # docs do it: from_config(scheduler.config, flow_shift=...)).
+        self.scheduler = self.folder_scheduler if shift is None else type(self.folder_scheduler).from_config(
+            self.folder_scheduler.config, flow_shift=shift)
         self.scheduler.set_timesteps(request.params.num_inference_steps, device=self.device)
         self.scheduler.set_begin_index(0)
         extras: dict[str, Any] = dict(height=height, width=width)

@@ -40,7 +40,6 @@ REFERENCE = "input_reference"
 NOT_HERE = {
     "true_cfg_scale": "video models take guidance_scale (and guidance_scale_2 on two-expert models).",
     "boundary_ratio": "it is fixed by the model (its model_index.json).",
-    "flow_shift": "it is fixed by the model (its scheduler config).",
 }
 """vLLM-Omni's options that cfgpar does not take, each with the reason (rather than 'unknown')."""
 LIST_LIMIT = 100
@@ -67,6 +66,7 @@ class VideoParams(BaseModel):
     negative_prompt: str | None = None
     guidance_scale: float | None = None
     guidance_scale_2: float | None = None
+    flow_shift: float | None = None
     num_inference_steps: int | None = None
     seed: int | None = None
     width: int | None = None
@@ -247,7 +247,7 @@ def _job(params: VideoParams, info: dict, config: ServerConfig) -> tuple[dict, O
             guidance_scale=params.guidance_scale, guidance_scale_2=params.guidance_scale_2,
             num_inference_steps=config.default_steps if params.num_inference_steps is None
             else params.num_inference_steps,
-            seed=params.seed, height=height, width=width, num_frames=frames, fps=fps)
+            seed=params.seed, height=height, width=width, num_frames=frames, fps=fps, flow_shift=params.flow_shift)
     except (ValueError, TypeError) as exc:  # its messages name the field and the allowed range
         raise ServeError(400, str(exc), param=str(exc).split(" ", 1)[0]) from None
     negative = config.default_negative_prompt if params.negative_prompt is None else params.negative_prompt

@@ -2,7 +2,7 @@
 
     python text_to_video.py --model Wan-AI/Wan2.2-T2V-A14B-Diffusers --prompt "a cat walks on the grass" \
         --negative-prompt "blurry, static" --guidance-scale 4.0 --guidance-scale-high 3.0 \
-        --height 720 --width 1280 --num-frames 81 --num-inference-steps 40 --fps 16 \
+        --height 720 --width 1280 --num-frames 81 --num-inference-steps 40 --flow-shift 5.0 --fps 16 \
         --output t2v.mp4 --cfg-parallel-size 2
 
 --guidance-scale-high is Wan 2.2 A14B's low-noise expert's scale (guidance_scale_2). Beyond the
@@ -28,6 +28,7 @@ def add_video_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--width", type=int, default=None)
     parser.add_argument("--num-frames", type=int, default=81)
     parser.add_argument("--num-inference-steps", type=int, default=40)
+    parser.add_argument("--flow-shift", type=float, default=None, help="schedule shift (default: the model's)")
     parser.add_argument("--fps", type=int, default=None, help="frame rate of the MP4 (default: the model's)")
     parser.add_argument("--seed", type=int, default=42)
     add_layout_args(parser, max_cfg=2)  # --cfg-parallel-size 1|2, --ulysses-degree, --ring-degree, ...
@@ -39,7 +40,7 @@ def generate(args, prompt: dict) -> None:
     outputs = omni.generate(prompt, OmniDiffusionSamplingParams(
         guidance_scale=args.guidance_scale, guidance_scale_2=args.guidance_scale_high, height=args.height,
         width=args.width, num_frames=args.num_frames, num_inference_steps=args.num_inference_steps, fps=args.fps,
-        seed=args.seed,
+        flow_shift=args.flow_shift, seed=args.seed,
     ))
     omni.close()
     outputs[0].save_video(args.output)
