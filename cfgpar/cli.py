@@ -132,6 +132,7 @@ def _run(args, task: str, multi_modal_data: dict, default_output: Path) -> int:
     if multi_modal_data:
         prompt["multi_modal_data"] = multi_modal_data
     parallel = parallel_config(args)
+    _check_output_kind(args.model, "image", "generate" if task == "text-to-image" else "edit")
     with Omni(args.model or default_model(task), parallel, threads_per_rank=args.threads_per_rank) as omni:
         if omni.model_info.get("task") != task:
             raise CliError(f"model {args.model!r} is a {omni.model_info.get('task')} model; `cfgpar "
@@ -161,10 +162,8 @@ def run_video(args) -> int:
     if args.image:
         prompt["multi_modal_data"] = {"image": _open_image(args.image)}
     parallel = parallel_config(args)
+    _check_output_kind(args.model, "video", "video")
     with Omni(args.model, parallel, threads_per_rank=args.threads_per_rank) as omni:
-        if omni.model_info.get("output") != "video":
-            raise CliError(f"model {args.model!r} is a {omni.model_info.get('task')} model; `cfgpar video` needs a "
-                           "video model (use `cfgpar generate` or `cfgpar edit` for pictures).")
         (out,) = omni.generate(prompt, params)
     output.parent.mkdir(parents=True, exist_ok=True)
     out.save_video(output)
@@ -173,6 +172,18 @@ def run_video(args) -> int:
           f"{m.num_branches} CFG branch(es) on {parallel.describe()}, seed {out.seed} | encode {m.encode_s:.2f}s, "
           f"denoise {m.denoise_s:.2f}s, decode {m.decode_s:.2f}s, total {m.total_s:.2f}s")
     return 0
+
+
+def _check_output_kind(model: str | None, want: str, command: str) -> None:
+    """Refuse a picture model for `cfgpar video`, or a video model for generate/edit, before any rank starts."""
+    if model is None:  # the embedded model: a picture model
+        return
+    from cfgpar.models.loader import import_pipeline, pipeline_path, resolve_model
+
+    kind = import_pipeline(pipeline_path(resolve_model(model))).output_kind
+    if kind != want:
+        other = "`cfgpar video`" if kind == "video" else "`cfgpar generate` or `cfgpar edit`"
+        raise CliError(f"model {model!r} makes {kind}s; `cfgpar {command}` makes {want}s: use {other}.")
 
 
 def run_bench(args) -> int:

@@ -110,8 +110,10 @@ class Omni:
         result = self.engine.generate(request, on_progress)
         result.metrics.total_s = time.perf_counter() - start
         fps = (params.fps or self.engine.model_info.get("default_fps")) if result.videos else None
+        # A video's `images` are its first video's frames, where vLLM-Omni puts a video's frames.
+        images = result.videos[0] if result.videos else result.images
         return OmniRequestOutput(
-            request_id=request.request_id, prompt=request.prompt, images=result.images, videos=result.videos,
+            request_id=request.request_id, prompt=request.prompt, images=images, videos=result.videos,
             fps=fps, seed=request.seed, metrics=result.metrics,
         )
 

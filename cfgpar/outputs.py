@@ -19,7 +19,8 @@ class OmniRequestOutput:
     prompt: str
     """The prompt the images were generated for."""
     images: list[Image.Image] = field(default_factory=list)
-    """num_outputs_per_prompt PIL images (image models)."""
+    """num_outputs_per_prompt PIL images; for video models the first video's frames (where
+    vLLM-Omni's examples read a video's frames from)."""
     videos: list[list[Image.Image]] = field(default_factory=list)
     """Video models: num_outputs_per_prompt videos, each a list of PIL frames."""
     fps: int | None = None

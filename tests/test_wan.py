@@ -17,7 +17,9 @@ from PIL import Image
 from cfgpar import DiffusionParallelConfig, Omni, OmniDiffusionSamplingParams
 from cfgpar.pipelines.base import RequestError
 from cfgpar.testing.tiny_wan import write_tiny_wan
+from cfgpar.omni import make_request
 from cfgpar.video_io import mp4_bytes, read_mp4
+from sp_ranks import run_layout
 
 PROMPT = "a cat running in the park"
 NEG = "blurry, static"
@@ -49,19 +51,21 @@ def prompt(image: Image.Image | None) -> dict:
     return {"prompt": PROMPT, "negative_prompt": NEG, **({"multi_modal_data": {"image": image}} if image else {})}
 
 
-_outputs: dict = {}
-
-
-def cfgpar_frames(folder, kind, image, cfg: int) -> np.ndarray:
-    """[frames, H, W, 3] int16 of one request on `cfg` CFG ranks, one thread each (cached per session)."""
-    key = (str(folder), image is not None, cfg)
-    if key not in _outputs:
-        with Omni(str(folder), DiffusionParallelConfig(cfg_parallel_size=cfg), threads_per_rank=1,
-                  progress_bar=False) as omni:
-            (out,) = omni.generate(prompt(image), params(kind))
-        assert len(out.videos) == 1 and not out.images
-        _outputs[key] = np.stack([np.asarray(frame, dtype=np.int16) for frame in out.videos[0]])
-    return _outputs[key]
+@pytest.fixture(scope="module")
+def videos(folders, first_frame):
+    """{cfg size: {case id: [frames, H, W, 3] int16}}: every case on 1 and on 2 CFG ranks, one
+    thread each, real gloo ranks through the one denoising loop (one process start per size)."""
+    jobs = {}
+    for i, (kind, with_image) in enumerate(CASES):
+        request = make_request(i, prompt(first_frame if with_image else None), params(kind))
+        jobs.setdefault(kind, []).append(request)
+    out = {}
+    for cfg in (1, 2):
+        got = run_layout({"cfg": cfg, "ring": 1, "ulysses": 1}, [(folders[kind], reqs) for kind, reqs in jobs.items()])
+        flat = [video for job in got for video in job]
+        order = [case_id for kind in jobs for case_id, (k, _) in zip(IDS, CASES) if k == kind]
+        out[cfg] = dict(zip(order, flat))
+    return out
 
 
 @functools.cache
@@ -86,11 +90,11 @@ def diffusers_frames(folder, kind, image, **overrides) -> np.ndarray:
 
 
 @pytest.mark.parametrize("kind,with_image", CASES, ids=IDS)
-def test_matches_diffusers(folders, first_frame, kind, with_image):
+def test_matches_diffusers(folders, first_frame, videos, kind, with_image):
     """Within 1/255 per frame pixel of diffusers (measured: equal). The reference at another
     guidance scale differs by more, so the comparison can see a wrong scale or expert switch."""
     image = first_frame if with_image else None
-    ours = cfgpar_frames(folders[kind], kind, image, cfg=2)
+    ours = videos[2][IDS[CASES.index((kind, with_image))]]
     reference = diffusers_frames(folders[kind], kind, image)
     assert ours.shape == reference.shape == (9, 64, 64, 3)
     assert np.abs(ours - reference).max() <= 1
@@ -98,7 +102,7 @@ def test_matches_diffusers(folders, first_frame, kind, with_image):
     assert np.abs(diffusers_frames(folders[kind], kind, image, **other) - reference).max() > 2
 
 
-def test_flow_shift_matches_diffusers_scheduler_with_that_shift(folders):
+def test_flow_shift_matches_diffusers_scheduler_with_that_shift(folders, videos):
     """Per request, as diffusers' docs set it: UniPCMultistepScheduler.from_config(config, flow_shift=...)."""
     from diffusers import UniPCMultistepScheduler
 
@@ -115,16 +119,16 @@ def test_flow_shift_matches_diffusers_scheduler_with_that_shift(folders):
     finally:
         pipe.scheduler = folder_scheduler
     assert np.abs(ours - reference).max() <= 1
-    folder_default = cfgpar_frames(folders["t2v"], "t2v", None, 1)
+    folder_default = videos[1]["t2v"]
     assert np.abs(reference - folder_default).max() > 2  # the shift matters
     assert np.array_equal(np.stack([np.asarray(f, dtype=np.int16) for f in default.videos[0]]), folder_default)
 
 
 @pytest.mark.exactness
 @pytest.mark.parametrize("kind,with_image", CASES, ids=IDS)
-def test_cfg_1_and_2_bit_identical_at_same_threads_per_rank(folders, first_frame, kind, with_image):
-    image = first_frame if with_image else None
-    assert np.array_equal(cfgpar_frames(folders[kind], kind, image, 1), cfgpar_frames(folders[kind], kind, image, 2))
+def test_cfg_1_and_2_bit_identical_at_same_threads_per_rank(videos, kind, with_image):
+    case = IDS[CASES.index((kind, with_image))]
+    assert np.array_equal(videos[1][case], videos[2][case])
 
 
 def test_requests_a_model_cannot_serve_get_one_sentence_and_the_engine_goes_on(folders, first_frame):
@@ -146,7 +150,8 @@ def test_requests_a_model_cannot_serve_get_one_sentence_and_the_engine_goes_on(f
         (out,) = omni.generate(prompt(None), params("t2v", num_inference_steps=3, fps=12),
                                on_progress=lambda done, total: steps.append((done, total)))
     assert steps == [(1, 3), (2, 3), (3, 3)]
-    assert out.fps == 12 and len(out.videos[0]) == 9
+    assert out.fps == 12 and len(out.videos) == 1 and len(out.videos[0]) == 9
+    assert out.images == out.videos[0]  # where vLLM-Omni's examples read a video's frames
 
 
 def test_image_models_refuse_video_parameters_and_video_models_refuse_vae_sharing(folders, tmp_path):

@@ -255,8 +255,10 @@ class EngineWorker:
             job.future.set_exception(ServeError(500, f"internal error: {type(exc).__name__}: {exc}"))
         else:
             self.metrics.observe_stages(job.queue_wait_s, out.metrics)
-            self.metrics.images.inc(len(out.images))
-            self.metrics.videos.inc(len(out.videos))
+            if out.videos:  # a video's `images` are its frames (vLLM-Omni's place for them)
+                self.metrics.videos.inc(len(out.videos))
+            else:
+                self.metrics.images.inc(len(out.images))
             job.future.set_result(out)
         finally:
             self._busy = False
