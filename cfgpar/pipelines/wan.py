@@ -92,11 +92,15 @@ class WanVideoPipeline(DiffusionPipeline):
                 return None
             if class_name == "CLIPImageProcessor" and importlib.util.find_spec("torchvision") is None:
                 class_name = "CLIPImageProcessorPil"  # what transformers falls back to anyway, minus its warning
+            # The VAE and the CLIP image encoder in float32 whatever the transformer's dtype, as
+            # diffusers' Wan examples load them (bf16 costs them visible quality; they are small).
             kwargs = {}
-            if library == "diffusers" and name != "scheduler":
+            if name == "vae":
+                kwargs["torch_dtype"] = torch.float32
+            elif library == "diffusers" and name != "scheduler":
                 kwargs["torch_dtype"] = dtype
             elif name in ("text_encoder", "image_encoder"):
-                kwargs["dtype"] = dtype
+                kwargs["dtype"] = torch.float32 if name == "image_encoder" else dtype
             component = getattr(libraries[library], class_name).from_pretrained(folder / name, **kwargs)
             return component.to(device) if isinstance(component, torch.nn.Module) else component
 
@@ -211,7 +215,7 @@ class WanVideoPipeline(DiffusionPipeline):
         if self.image_encoder is not None:
             inputs = self.image_processor(images=image, return_tensors="pt").to(self.device)
             embeds = self.image_encoder(**inputs, output_hidden_states=True).hidden_states[-2]
-            extras["image_embeds"] = embeds.repeat(batch, 1, 1).to(self.dtype)
+            extras["image_embeds"] = embeds.repeat(batch, 1, 1).to(self.dtype)  # as diffusers: to the transformer's
         return extras
 
     def _normalize(self, z: torch.Tensor) -> torch.Tensor:
