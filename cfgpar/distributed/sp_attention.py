@@ -45,7 +45,7 @@ class KeyBlocks:
 
 def sp_attention(q_txt, k_txt, v_txt, q_img, k_img, v_img, blocks: KeyBlocks, groups: SequenceGroups):
     """Text [B, S, H, D] and image [B, N, H, D] q, k, v -> attention outputs, text [B, S, H, D]
-    and image [B, N, H, D] (padded image queries give values the caller drops)."""
+    and image [B, N, H, D] (padded image queries give values the caller drops: zeros at ring 1)."""
     u = groups.ulysses_size
     start = time.perf_counter()
     q_img, k_img, v_img = _seq_to_heads(torch.stack([q_img, k_img, v_img]), groups)
@@ -53,21 +53,33 @@ def sp_attention(q_txt, k_txt, v_txt, q_img, k_img, v_img, blocks: KeyBlocks, gr
     h = q_txt.shape[2] // u
     heads = slice(groups.ulysses_rank * h, (groups.ulysses_rank + 1) * h)
     q_txt, k_txt, v_txt = (x[:, :, heads] for x in (q_txt, k_txt, v_txt))
-    query = torch.cat([q_txt, q_img], dim=1)
-    if groups.ring_size == 1:
-        out = _attend(query, torch.cat([k_txt, _kept(k_img, blocks.keep[0])], dim=1),
-                      torch.cat([v_txt, _kept(v_img, blocks.keep[0])], dim=1))
-    else:
-        out = _ring(query, k_txt, v_txt, k_img, v_img, blocks, groups)
     s = q_txt.shape[1]
+    if groups.ring_size == 1:
+        # Padded queries are dropped as the keys are: the attention then sees one rank's query
+        # rows (text, then image by position), so its blocked matrix products have one rank's
+        # shapes; a row's rounding can depend on its block's size (MKL under AVX2 does).
+        keep = blocks.keep[0]
+        query = torch.cat([q_txt, _kept(q_img, keep)], dim=1)
+        out = _attend(query, torch.cat([k_txt, _kept(k_img, keep)], dim=1), torch.cat([v_txt, _kept(v_img, keep)], dim=1))
+        out_txt, out_img = out[:, :s], _unkept(out[:, s:], keep, q_img.shape[1])
+    else:
+        out = _ring(torch.cat([q_txt, q_img], dim=1), k_txt, v_txt, k_img, v_img, blocks, groups)
+        out_txt, out_img = out[:, :s], out[:, s:]
     start = time.perf_counter()
-    txt, img = _gather_heads(out[:, :s], groups), _heads_to_seq(out[:, s:], groups)
+    txt, img = _gather_heads(out_txt, groups), _heads_to_seq(out_img, groups)
     groups.exchange_s += time.perf_counter() - start
     return txt, img
 
 
 def _kept(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
     return x if keep is None else x.index_select(1, keep)
+
+
+def _unkept(x: torch.Tensor, keep: torch.Tensor | None, length: int) -> torch.Tensor:
+    """[B, len(keep), h, D] -> [B, length, h, D], zeros in the padding rows (their caller drops them)."""
+    if keep is None:
+        return x
+    return x.new_zeros(x.shape[0], length, *x.shape[2:]).index_copy_(1, keep, x)
 
 
 def _attend(query, key, value) -> torch.Tensor:
