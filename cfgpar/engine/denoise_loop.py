@@ -70,14 +70,18 @@ def _generate_guided(pipeline, request, guidance, mesh, steps) -> GenerationResu
     gathered = latents.new_empty((size, *local.shape))
     exchanged = mesh.sequence.exchange_s
     for t in steps(plan.timesteps):
+        # Outside a guidance interval only the first branch runs; the all-gather then carries
+        # its rank's prediction to the others (their slots are stale and unread).
+        active = guidance.active_at(t)
         forward_start = time.perf_counter()
         for slot, i in enumerate(mine):
-            local[slot] = pipeline.predict(plan, guidance.branches[i], conds[i], latents, t)
+            if i in active:
+                local[slot] = pipeline.predict(plan, guidance.branches[i], conds[i], latents, t)
         gather_start = time.perf_counter()
         gathered = all_gather_slots(local, mesh.cfg_group, size, out=gathered)
         metrics.forward_s += gather_start - forward_start
         metrics.allgather_s += time.perf_counter() - gather_start
-        preds = [gathered[gathered_index(i, size)] for i in range(n)]
+        preds = [gathered[gathered_index(i, size)] for i in active]
         latents = pipeline.step(guidance.combine_at(t)(preds), t, latents)
     metrics.sp_exchange_s = mesh.sequence.exchange_s - exchanged
     latents = shards.gather(latents, full.latents.shape[1])

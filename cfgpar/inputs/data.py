@@ -32,6 +32,22 @@ def _check_float(name: str, value, low: float, high: float, *, optional: bool = 
         raise ValueError(f"{name} must be between {low} and {high}, got {value}.")
 
 
+RENORM_TYPES = ("global", "channel", "text_channel")
+BAGEL_PARAMS = ("cfg_interval", "timestep_shift", "cfg_renorm_type", "cfg_renorm_min", "think")
+"""Parameters only Bagel takes; other models refuse them when set."""
+VIDEO_PARAMS = ("num_frames", "fps", "guidance_scale", "guidance_scale_2", "flow_shift")
+"""Parameters only video models take."""
+
+
+def _check_interval(value) -> None:
+    ok = isinstance(value, (tuple, list)) and len(value) == 2
+    if ok:
+        _check_float("cfg_interval's low end", value[0], 0.0, 1.0)
+        _check_float("cfg_interval's high end", value[1], 0.0, 1.0)
+    if not ok or value[0] > value[1]:
+        raise ValueError(f"cfg_interval must be (low, high) with 0 <= low <= high <= 1, got {value!r}.")
+
+
 def allowed_frames(frames: int, unit: int) -> tuple[int, int]:
     """The frame counts unit * k + 1 nearest below (at least 1) and above `frames` (a video VAE
     keeps the first frame and compresses each following `unit` frames into one latent frame)."""
@@ -101,6 +117,25 @@ class OmniDiffusionSamplingParams:
     """Frames per second the video is written at (the MP4's rate, not what is generated);
     None takes the model's default (16 for Wan 2.1 and 2.2 A14B, 24 for TI2V-5B). Allowed: 1 to 120."""
 
+    cfg_interval: tuple[float, float] | None = None
+    """Bagel: guidance runs only at the steps whose flow time t (1: noise, 0: the image) has
+    low < t <= high; the others run the full branch alone. None takes (0.4, 1.0).
+    Allowed: 0 <= low <= high <= 1."""
+
+    timestep_shift: float | None = None
+    """Bagel: the shift s of its schedule, t -> s t / (1 + (s - 1) t); None takes 3.0. Allowed: 0.1 to 100."""
+
+    cfg_renorm_type: str | None = None
+    """Bagel: how the guided velocity's norm is clamped to the full branch's: "global" (one norm
+    per image; the default), "channel" (per token) or "text_channel" (per token, after text
+    guidance, before image guidance)."""
+
+    cfg_renorm_min: float | None = None
+    """Bagel: the lower clamp of that renormalisation (1 turns it off); None takes 0. Allowed: 0 to 1."""
+
+    think: bool = False
+    """Bagel's think mode (reasoning in text before the image): not supported, True is refused."""
+
     def __post_init__(self):
         _check_float("true_cfg_scale", self.true_cfg_scale, 0.0, 100.0)
         _check_int("num_inference_steps", self.num_inference_steps, 1, MAX_STEPS)
@@ -115,3 +150,12 @@ class OmniDiffusionSamplingParams:
         _check_int("num_frames", self.num_frames, 1, MAX_FRAMES, optional=True)
         _check_int("fps", self.fps, 1, MAX_FPS, optional=True)
         _check_float("flow_shift", self.flow_shift, 0.1, 100.0, optional=True)
+        _check_float("timestep_shift", self.timestep_shift, 0.1, 100.0, optional=True)
+        _check_float("cfg_renorm_min", self.cfg_renorm_min, 0.0, 1.0, optional=True)
+        if self.cfg_renorm_type is not None and self.cfg_renorm_type not in RENORM_TYPES:
+            raise ValueError(f"cfg_renorm_type must be one of {', '.join(RENORM_TYPES)}, got {self.cfg_renorm_type!r}.")
+        if self.cfg_interval is not None:
+            _check_interval(self.cfg_interval)
+            object.__setattr__(self, "cfg_interval", (float(self.cfg_interval[0]), float(self.cfg_interval[1])))
+        if not isinstance(self.think, bool):
+            raise TypeError(f"think must be a bool, got {type(self.think).__name__} {self.think!r}.")

@@ -13,6 +13,9 @@ PIPELINES = {
     "WanPipeline": "cfgpar.pipelines.wan:WanVideoPipeline",
     "WanImageToVideoPipeline": "cfgpar.pipelines.wan:WanVideoPipeline",
 }
+BAGEL_PIPELINE = "cfgpar.pipelines.bagel:BagelPipeline"
+# A Bagel folder (ByteDance-Seed/BAGEL-7B-MoT) has no model_index.json: these files say what it is.
+BAGEL_FILES = ("llm_config.json", "vit_config.json", "ema.safetensors", "ae.safetensors")
 
 
 class ModelLoadError(ValueError):
@@ -24,6 +27,9 @@ def resolve_model(name: str | Path) -> Path:
     with huggingface_hub. Returns the folder."""
     path = Path(name).expanduser()
     if path.is_dir():
+        if is_bagel(path):
+            _check_bagel(path)
+            return path.resolve()
         if not (path / "model_index.json").is_file():
             raise ModelLoadError(
                 f"model folder {str(path)!r} has no model_index.json; expected a folder laid out like a hub "
@@ -37,22 +43,40 @@ def resolve_model(name: str | Path) -> Path:
     return _download(str(name))
 
 
+def is_bagel(folder: Path) -> bool:
+    """A folder laid out like ByteDance-Seed/BAGEL-7B-MoT (its llm_config.json says so)."""
+    return not (folder / "model_index.json").exists() and (folder / "llm_config.json").is_file()
+
+
+def _check_bagel(folder: Path) -> None:
+    missing = [name for name in BAGEL_FILES if not (folder / name).is_file()]
+    if missing:
+        raise ModelLoadError(f"Bagel folder {str(folder)!r} lacks {', '.join(missing)}; a BAGEL-7B-MoT folder holds "
+                             f"{', '.join(BAGEL_FILES)} and the Qwen2 tokenizer files.")
+
+
 def _download(repo_id: str) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(repo_id))
+        folder = Path(snapshot_download(repo_id))
     except Exception as exc:  # offline, unknown repo, gated, ...: all mean "cannot get it"
         raise ModelLoadError(
             f"could not fetch model {repo_id!r} from the Hugging Face Hub ({type(exc).__name__}: "
             f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}); pass a local folder with the same layout instead."
         ) from None
+    if is_bagel(folder):
+        _check_bagel(folder)
+    return folder
 
 
 def pipeline_path(folder: Path) -> str:
     """The "module:Class" of the pipeline for a model folder, from model_index.json's `_class_name`.
 
-    A `_class_name` of the form "package.module:Class" names a custom pipeline directly."""
+    A `_class_name` of the form "package.module:Class" names a custom pipeline directly.
+    A Bagel folder has no model_index.json and is served by the Bagel pipeline."""
+    if is_bagel(Path(folder)):
+        return BAGEL_PIPELINE
     try:
         class_name = json.loads((Path(folder) / "model_index.json").read_text())["_class_name"]
     except (OSError, ValueError, KeyError) as exc:

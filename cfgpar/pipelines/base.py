@@ -24,6 +24,13 @@ class RequestError(ValueError):
     collective, so the engine reports it and carries on."""
 
 
+def refuse_params(request: GenerationRequest, names: tuple[str, ...], why: str) -> None:
+    """RequestError naming the parameters among `names` the request sets (not None, not False)."""
+    given = [name for name in names if getattr(request.params, name) not in (None, False)]
+    if given:
+        raise RequestError(f"{', '.join(given)} {why}")
+
+
 @dataclass
 class Plan:
     """Per-request state shared by every rank (built from the request and its seed alone).

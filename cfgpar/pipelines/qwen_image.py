@@ -20,7 +20,8 @@ from cfgpar.engine.request import GenerationRequest
 from cfgpar.guidance import Branch, Guidance, make_combine, norm_preserving_cfg, unguided
 from cfgpar.models.image_vae import use_2d_convs_for_images
 from cfgpar.models.loader import model_options
-from cfgpar.pipelines.base import DiffusionPipeline, Plan, RequestError
+from cfgpar.inputs.data import BAGEL_PARAMS, VIDEO_PARAMS
+from cfgpar.pipelines.base import DiffusionPipeline, Plan, RequestError, refuse_params
 
 T2I_TEMPLATE = (
     "<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, text, "
@@ -29,7 +30,6 @@ T2I_TEMPLATE = (
 )
 T2I_TEMPLATE_DROP = 34  # tokens of the template's system prefix, dropped from the embeddings
 TOKENIZER_MAX_LENGTH = 1024
-VIDEO_PARAMS = ("num_frames", "fps", "guidance_scale", "guidance_scale_2", "flow_shift")
 
 
 def calculate_shift(seq_len: int, base_seq: int, max_seq: int, base_shift: float, max_shift: float) -> float:
@@ -100,10 +100,9 @@ class QwenImagePipeline(DiffusionPipeline):
         return self._text_guidance(request)
 
     def _text_guidance(self, request: GenerationRequest) -> Guidance:
-        video = [name for name in VIDEO_PARAMS if getattr(request.params, name) is not None]
-        if video:
-            raise RequestError(f"{', '.join(video)} apply to video models; this is an image model (its CFG scale is "
-                               "true_cfg_scale).")
+        refuse_params(request, VIDEO_PARAMS, "apply to video models; this is an image model (its CFG scale is "
+                      "true_cfg_scale).")
+        refuse_params(request, BAGEL_PARAMS, "apply to Bagel only; this model does not take them.")
         terminal = self.scheduler.config.get("shift_terminal")
         if terminal and request.params.num_inference_steps < 2:
             # The scheduler stretches the schedule so that it ends at shift_terminal; a one-step

@@ -29,9 +29,9 @@ from PIL import Image
 
 from cfgpar.engine.request import GenerationRequest
 from cfgpar.guidance import Branch, Guidance, cfg, make_combine, unguided
-from cfgpar.inputs.data import frame_count_error
+from cfgpar.inputs.data import BAGEL_PARAMS, frame_count_error
 from cfgpar.models.loader import model_options
-from cfgpar.pipelines.base import DiffusionPipeline, Plan, RequestError
+from cfgpar.pipelines.base import DiffusionPipeline, Plan, RequestError, refuse_params
 
 DEFAULT_SCALE = 5.0  # diffusers' WanPipeline / WanImageToVideoPipeline guidance_scale
 DEFAULT_HEIGHT, DEFAULT_WIDTH, DEFAULT_FRAMES = 480, 832, 81
@@ -140,6 +140,7 @@ class WanVideoPipeline(DiffusionPipeline):
         if params.image_guidance_scale is not None:
             raise RequestError("image_guidance_scale applies to image-edit models; Wan takes guidance_scale "
                                "(and guidance_scale_2 with two experts).")
+        refuse_params(request, BAGEL_PARAMS, "apply to Bagel only; Wan does not take them.")
         if params.guidance_scale_2 is not None and self.boundary is None:
             raise RequestError("guidance_scale_2 applies to two-expert models (Wan 2.2 A14B); this model has one "
                                "transformer.")
