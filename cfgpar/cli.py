@@ -12,12 +12,23 @@ from cfgpar.cli_common import DEFAULT_NEGATIVE, CliError, add_layout_args, paral
 
 def _add_sampling_args(p: argparse.ArgumentParser, *, size: bool) -> None:
     p.add_argument("--prompt", required=True, help="what to generate, or how to edit")
-    p.add_argument("--negative-prompt", default=DEFAULT_NEGATIVE,
-                   help=f"negative branch of CFG (default: {DEFAULT_NEGATIVE!r}; '' for the empty prompt)")
-    p.add_argument("--cfg-scale", type=float, default=4.0, help="true_cfg_scale; <= 1 turns guidance off (default 4)")
+    p.add_argument("--negative-prompt", default=None,
+                   help=f"negative branch of CFG (default: {DEFAULT_NEGATIVE!r}; '' for the empty prompt; Bagel: "
+                        "none, as the official code)")
+    p.add_argument("--cfg-scale", type=float, default=4.0,
+                   help="true_cfg_scale (Bagel: the text scale); <= 1 turns guidance off (default 4)")
     p.add_argument("--image-guidance-scale", type=float, default=None,
-                   help="edit only: adds a third, image-unconditional branch (text + image guidance)")
-    p.add_argument("--num-inference-steps", type=int, default=20, help="denoising steps (default 20)")
+                   help="edit models: adds a third, image-unconditional branch (text + image guidance); Bagel: "
+                        "its image scale, cfg_img_scale (default 1.5)")
+    p.add_argument("--num-inference-steps", type=int, default=None,
+                   help="denoising steps (default 20; Bagel: 50, as the official code)")
+    bagel = p.add_argument_group("Bagel (BAGEL-7B-MoT) only")
+    bagel.add_argument("--cfg-interval", type=float, nargs=2, metavar=("LOW", "HIGH"), default=None,
+                       help="guidance only at the steps with LOW < t <= HIGH (default 0.4 1.0)")
+    bagel.add_argument("--timestep-shift", type=float, default=None, help="schedule shift (default 3.0)")
+    bagel.add_argument("--cfg-renorm-type", choices=("global", "channel", "text_channel"), default=None,
+                       help="renormalisation of the guided velocity (default global)")
+    bagel.add_argument("--cfg-renorm-min", type=float, default=None, help="its lower clamp (default 0)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise (default 0)")
     add_layout_args(p)
     p.add_argument("--model", default=None, help="hub id or local folder (default: the embedded shapes model)")
@@ -121,23 +132,32 @@ def _run(args, task: str, multi_modal_data: dict, default_output: Path) -> int:
     from cfgpar import Omni, OmniDiffusionSamplingParams
     from cfgpar.models.embedded import default_model
 
-    params = OmniDiffusionSamplingParams(
-        true_cfg_scale=args.cfg_scale, num_inference_steps=args.num_inference_steps, seed=args.seed,
-        height=args.height, width=args.width, image_guidance_scale=getattr(args, "image_guidance_scale", None),
-    )
+    def params(info: dict) -> OmniDiffusionSamplingParams:
+        steps = info["default_steps"] if args.num_inference_steps is None else args.num_inference_steps
+        return OmniDiffusionSamplingParams(
+            true_cfg_scale=args.cfg_scale, num_inference_steps=steps, seed=args.seed, height=args.height,
+            width=args.width, image_guidance_scale=args.image_guidance_scale, cfg_interval=args.cfg_interval,
+            timestep_shift=args.timestep_shift, cfg_renorm_type=args.cfg_renorm_type, cfg_renorm_min=args.cfg_renorm_min,
+        )
+
     output = Path(args.output) if args.output else default_output
     if output.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
         raise CliError(f"--output must end in .png, .jpg, .jpeg or .webp, got {str(output)!r}.")
-    prompt = {"prompt": args.prompt, "negative_prompt": args.negative_prompt}
-    if multi_modal_data:
-        prompt["multi_modal_data"] = multi_modal_data
+    params(dict(default_steps=1))  # the flags' own errors before any rank starts
     parallel = parallel_config(args)
     _check_output_kind(args.model, "image", "generate" if task == "text-to-image" else "edit")
     with Omni(args.model or default_model(task), parallel, threads_per_rank=args.threads_per_rank) as omni:
-        if omni.model_info.get("task") != task:
-            raise CliError(f"model {args.model!r} is a {omni.model_info.get('task')} model; `cfgpar "
+        info = omni.model_info
+        if task not in info["tasks"]:
+            raise CliError(f"model {args.model!r} is a {info['task']} model; `cfgpar "
                            f"{'edit' if task == 'edit' else 'generate'}` needs a {task} model.")
-        (out,) = omni.generate(prompt, params)
+        negative = args.negative_prompt
+        if negative is None and info["needs_negative_prompt"]:
+            negative = DEFAULT_NEGATIVE
+        prompt = {"prompt": args.prompt, "negative_prompt": negative}
+        if multi_modal_data:
+            prompt["multi_modal_data"] = multi_modal_data
+        (out,) = omni.generate(prompt, params(info))
     output.parent.mkdir(parents=True, exist_ok=True)
     out.images[0].save(output)
     m = out.metrics
@@ -193,8 +213,8 @@ def run_bench(args) -> int:
     cfg = suite.BenchConfig(num_layers=args.num_layers, runs=args.runs, headline_rounds=args.rounds,
                             video_rounds=args.rounds, out=Path(args.out))
     if args.quick:
-        cfg = suite.BenchConfig(num_layers=2, runs=1, headline_rounds=1, headline=Point(64, 4), sizes=(64, 96),
-                                sweep_steps=4, steps=(2, 4), steps_size=64, sp_sizes=(64,), sp_steps=2, sp_rounds=1,
+        cfg = suite.BenchConfig(num_layers=2, runs=1, headline_rounds=1, headline=Point(64, 4), sizes=(64,),
+                                sweep_steps=4, steps=(4,), steps_size=64, sp_sizes=(64,), sp_steps=2, sp_rounds=1,
                                 video=Point(64, 2, frames=5), video_rounds=1, out=Path(args.out))
     log = lambda line: print(f"cfgpar bench: {line}", flush=True)  # noqa: E731
     if args.sequence_parallel:

@@ -130,13 +130,16 @@ class Omni:
 
 def check_layout_fits(folder: Path, pipeline: str, parallel_config: DiffusionParallelConfig) -> None:
     """Refuse, before any process starts, a layout the model cannot run: more CFG ranks than its
-    guidance branches, or a Ulysses degree that does not divide its attention heads (the ranks
+    guidance branches, sequence parallelism for a model without it, or a Ulysses degree that does not divide its attention heads (the ranks
     check the loaded model again), or a VAE decode over ranks for a video model."""
     pipeline_cls = import_pipeline(pipeline)
     max_branches = pipeline_cls.max_branches
     if pipeline_cls.output_kind == "video" and parallel_config.vae_patch_parallel_size > 1:
         raise ValueError(f"vae_patch_parallel_size={parallel_config.vae_patch_parallel_size}: the VAE decode over "
                          "ranks is for image models, a video decodes on rank 0; use vae_patch_parallel_size=1.")
+    if parallel_config.sequence_parallel_size > 1 and not pipeline_cls.sequence_parallel:
+        raise ValueError(f"{pipeline.rpartition(':')[2]} does not support sequence parallelism yet; use "
+                         "ulysses_degree=1 and ring_degree=1 (cfg_parallel_size spreads its guidance branches).")
     if parallel_config.cfg_parallel_size > max_branches:
         raise ValueError(
             f"cfg_parallel_size={parallel_config.cfg_parallel_size} is larger than the {max_branches} guidance "

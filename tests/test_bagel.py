@@ -4,6 +4,8 @@ three branches on 1, 2 and 3 real gloo ranks bit for bit, and the errors a user 
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -191,3 +193,73 @@ def test_params_validated():
         OmniDiffusionSamplingParams(cfg_renorm_type="local")
     with pytest.raises(ValueError, match="cfg_interval"):
         OmniDiffusionSamplingParams(cfg_interval=(0.8, 0.2))
+
+
+@pytest.mark.exactness
+@pytest.mark.surface
+def test_cli_example_and_server_at_cfg_2_and_3_give_the_one_rank_pictures(folder, pipeline, picture, tmp_path):
+    """The guide's surfaces on the tiny Bagel, one thread per rank, against one rank in this process:
+    `cfgpar edit --cfg-parallel-size 3` (three branches, three ranks), the example script's
+    text-to-image at 3 ranks (two branches: rank 2 idle), and `cfgpar serve --cfg-parallel-size 2`
+    answering the OpenAI client's generate and edit (two branches on rank 0)."""
+    import base64
+    import io
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from test_server import Server, client
+
+    steps = dict(num_inference_steps=6, seed=3)
+    image_in = tmp_path / "in.png"
+    picture.save(image_in)
+    edit = {"prompt": PROMPT, "multi_modal_data": {"image": picture}}
+    t2i = {"prompt": "a red circle on the left"}
+    want = {name: np.asarray(one_rank(pipeline, make_request(0, p, params(**steps, **extra))).images[0])
+            for name, p, extra in (("edit", edit, dict(image_guidance_scale=2.0)), ("t2i", t2i, SIZE),
+                                   ("t2i-channel", t2i, dict(cfg_renorm_type="channel", **SIZE)))}
+
+    def run(*cmd):
+        done = subprocess.run([sys.executable, *map(str, cmd), "--threads-per-rank", "1"], capture_output=True,
+                              text=True, timeout=600, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done.stdout
+
+    out = run("-m", "cfgpar.cli", "edit", "--model", folder, "--image", image_in, "--prompt", PROMPT,
+              "--image-guidance-scale", "2", "--cfg-parallel-size", "3", "--num-inference-steps", "6", "--seed", "3",
+              "-o", tmp_path / "edit.png")
+    assert "3 CFG branch(es) on 3 ranks: cfg 3" in out
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "edit.png")), want["edit"])
+    script = Path(__file__).parents[1] / "examples" / "offline_inference" / "bagel" / "bagel.py"
+    run(script, "--model", folder, "--prompt", t2i["prompt"], "--cfg-parallel-size", "3", "--num-inference-steps",
+        "6", "--seed", "3", "--height", "32", "--width", "48", "--output", tmp_path / "t2i.png")
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "t2i.png")), want["t2i"])
+
+    server = Server("bagel", folder, tmp_path, "--cfg-parallel-size", "2").wait_ready()
+    try:
+        api = client(server, None)
+        extra = {"num_inference_steps": 6, "seed": 3}
+        got = api.images.generate(model=folder.name, prompt=t2i["prompt"], size="48x32",
+                                  extra_body={**extra, "cfg_renorm_type": "channel"})
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(base64.b64decode(got.data[0].b64_json)))),
+                              want["t2i-channel"])
+        got = api.images.edit(model=folder.name, image=("in.png", image_in.read_bytes(), "image/png"), prompt=PROMPT,
+                              extra_body={**extra, "image_guidance_scale": 2.0})
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(base64.b64decode(got.data[0].b64_json)))),
+                              want["edit"])
+        bad = server.call("POST", "/v1/images/generations", json.dumps({"prompt": "x", "think": True}).encode(),
+                          {"Content-Type": "application/json"}, key=None)
+        assert bad[0] == 400 and "think mode" in bad[1]["error"]["message"]
+    finally:
+        server.stop()
+
+
+def test_cost_model_counts_the_official_guided_steps():
+    from cfgpar.bench.bagel_model import BagelLoad, bagel_table, loop_s
+
+    edit, t2i = BagelLoad(edit=True), BagelLoad(edit=False)
+    # shifted t = 3t / (1 + 2t) > 0.4  <=>  t > 2/11: points 0..40 of linspace(1, 0, 50), the last never run
+    assert edit.guided_steps() == 41 and BagelLoad(interval=(0.0, 1.0)).guided_steps() == 49
+    assert 2.0 < loop_s(edit, 1) / loop_s(edit, 3) < 3.0
+    assert abs(loop_s(t2i, 3) / loop_s(t2i, 2) - 1) < 1e-3  # two branches: a third rank adds only its all-gather share
+    assert "| edit, 3 branches | 41 of 49 |" in bagel_table()

@@ -40,6 +40,7 @@ def pixels(path):
 
 
 @pytest.mark.exactness
+@pytest.mark.surface
 def test_edit_on_1_and_2_ranks_same_picture_at_same_threads_per_rank(models, tmp_path):
     outs = []
     for size in (1, 2):
@@ -107,6 +108,7 @@ def test_errors_are_one_line(models, tmp_path, args, message):
 
 
 @pytest.mark.exactness
+@pytest.mark.surface
 def test_example_scripts_same_picture_on_1_and_2_ranks_at_same_threads_per_rank(models, tmp_path):
     """The guide's flags, plus --threads-per-rank 1: without it, one rank would take both cores
     and two ranks one each, and a GEMM split over two threads may round differently."""

@@ -109,6 +109,7 @@ def test_make_demo_command_edits_the_sample_picture(tmp_path):
 
 
 @pytest.mark.exactness
+@pytest.mark.surface
 def test_guide_example_without_model_flag_same_picture_on_1_and_2_ranks_at_same_threads_per_rank(tmp_path):
     """The guide's command as written, model flag left out, from the example's folder (which
     ships an input.png), with OMP_NUM_THREADS=1 in the environment: one thread per rank at both

@@ -276,6 +276,7 @@ def assert_gone(pids, timeout: float = 10):
 # ---- the OpenAI client ------------------------------------------------------------------------
 
 @pytest.mark.exactness
+@pytest.mark.surface
 def test_openai_edit_same_picture_on_1_and_2_ranks_at_same_threads_per_rank(server_a, server_b, picture):
     """The official client gets valid pictures; 2 ranks give the very picture 1 rank gives (both
     servers run one thread per rank)."""

@@ -86,6 +86,7 @@ def test_shared_decode_same_bytes_on_1_2_4_ranks_and_within_2_levels_of_the_unti
 
 
 @pytest.mark.exactness
+@pytest.mark.surface
 def test_engine_shared_decode_same_picture_on_2_and_3_ranks_at_same_threads_per_rank(folder):
     picture = Image.new("RGB", (64, 64), (200, 30, 30))
     prompt = {"prompt": "a blue square", "negative_prompt": "blurry", "multi_modal_data": {"image": picture}}

@@ -77,6 +77,9 @@ class BagelPipeline(DiffusionPipeline):
     max_branches = 3
     task = "text-to-image"
     tasks = ("text-to-image", "edit")
+    default_steps = 50  # the official gen_image's num_timesteps
+    needs_negative_prompt = False  # the official text-unconditional context has no text at all
+    sequence_parallel = False
 
     def __init__(self, *, model: Bagel, vae, tokenizer, device: torch.device, dtype: torch.dtype):
         self.model, self.autoencoder, self.tokenizer = model.eval(), vae.eval(), tokenizer

@@ -65,9 +65,19 @@ class DiffusionPipeline(ABC):
     output_kind: ClassVar[str] = "image"
     """"image": decode returns B PIL images; "video": B lists of PIL frames."""
 
+    sequence_parallel: ClassVar[bool] = True
+    """Whether distributed/sequence_parallel.py can shard this model's tokens (ulysses, ring > 1)."""
+
     shards_tokens: ClassVar[bool] = True
     """Whether plan.latents are packed tokens [B, L, C] that the loop shards along L under
     sequence parallelism; False keeps them whole and the model shards inside."""
+
+    default_steps: ClassVar[int] = 20
+    """num_inference_steps of a CLI or server request that names none."""
+
+    needs_negative_prompt: ClassVar[bool] = True
+    """Whether guidance needs a negative prompt (Qwen-Image: no negative prompt, no guidance);
+    the CLI and the server then supply their default one where a request names none."""
 
     vae: Any = None
     """The VAE, where `decode(plan, latents)` is `to_images(plan, vae.decode(vae_latents(plan,
@@ -75,7 +85,8 @@ class DiffusionPipeline(ABC):
 
     def describe(self) -> dict[str, Any]:
         """Facts about the loaded model that callers validate requests against."""
-        return {"task": self.task, "max_branches": self.max_branches, "output": self.output_kind}
+        return {"task": self.task, "tasks": [self.task], "max_branches": self.max_branches, "output": self.output_kind,
+                "default_steps": self.default_steps, "needs_negative_prompt": self.needs_negative_prompt}
 
     @classmethod
     @abstractmethod

@@ -60,7 +60,8 @@ class ServerConfig:
     max_image_pixels: int = 4096 * 4096
     max_output_pixels: int = 2048 * 2048
     max_upload_bytes: int = 32 * 1024 * 1024
-    default_steps: int = 20
+    default_steps: int | None = None
+    """num_inference_steps of a request that names none; None: the model's (20; Bagel 50)."""
     default_cfg_scale: float = 4.0
     default_negative_prompt: str = "low quality, blurry"
     """Used when a request has none, so that plain OpenAI clients get true CFG (two branches)."""
@@ -94,6 +95,11 @@ class ImageParams(BaseModel):
     num_inference_steps: int | None = None
     seed: int | None = None
     image_guidance_scale: float | None = None
+    cfg_interval: tuple[float, float] | None = None
+    timestep_shift: float | None = None
+    cfg_renorm_type: str | None = None
+    cfg_renorm_min: float | None = None
+    think: bool = False
     stream: bool | None = None
     quality: Any = None
     style: Any = None
@@ -165,7 +171,7 @@ def create_app(config: ServerConfig, worker: EngineWorker, metrics: Metrics) -> 
         if info.get("output") == "video":
             raise ServeError(400, f"model {config.model_name!r} makes videos; use POST /v1/videos "
                              "(OpenAI: client.videos.create).", code="wrong_endpoint")
-        if info["task"] != task:
+        if task not in info["tasks"]:
             if info["task"] == "edit":
                 hint = "it needs an input picture: use POST /v1/images/edits (multipart, field 'image')."
             else:
@@ -194,15 +200,19 @@ def create_app(config: ServerConfig, worker: EngineWorker, metrics: Metrics) -> 
         try:
             sampling_params = OmniDiffusionSamplingParams(
                 true_cfg_scale=config.default_cfg_scale if params.true_cfg_scale is None else params.true_cfg_scale,
-                num_inference_steps=(config.default_steps if params.num_inference_steps is None
+                num_inference_steps=(config.default_steps or info["default_steps"] if params.num_inference_steps is None
                                      else params.num_inference_steps),
                 seed=params.seed, height=height, width=width, num_outputs_per_prompt=params.n,
-                image_guidance_scale=params.image_guidance_scale,
+                image_guidance_scale=params.image_guidance_scale, cfg_interval=params.cfg_interval,
+                timestep_shift=params.timestep_shift, cfg_renorm_type=params.cfg_renorm_type,
+                cfg_renorm_min=params.cfg_renorm_min, think=params.think,
             )
         except (ValueError, TypeError) as exc:  # its messages name the field and the allowed range
             name = str(exc).split(" ", 1)[0]
             raise ServeError(400, str(exc), param={"height": "size", "width": "size"}.get(name, name)) from None
-        negative = config.default_negative_prompt if params.negative_prompt is None else params.negative_prompt
+        negative = params.negative_prompt
+        if negative is None and info["needs_negative_prompt"]:
+            negative = config.default_negative_prompt
         return {"prompt": params.prompt, "negative_prompt": negative}, sampling_params, fmt
 
     async def run(request: Request, prompt: dict, params: OmniDiffusionSamplingParams, fmt: str) -> Response:

@@ -55,7 +55,8 @@ def add_serve_parser(subparsers) -> None:
                    help="finished videos kept in memory at most; the oldest are dropped first (default 32)")
     p.add_argument("--max-video-store-mb", type=float, default=1024.0,
                    help="MiB of finished MP4s kept in memory at most; the oldest are dropped first (default 1024)")
-    p.add_argument("--default-steps", type=int, default=20, help="num_inference_steps when a request has none (20)")
+    p.add_argument("--default-steps", type=int, default=None,
+                   help="num_inference_steps when a request has none (default: the model's: 20, Bagel 50)")
     p.add_argument("--default-negative-prompt", default=DEFAULT_NEGATIVE,
                    help=f"negative prompt when a request has none (default {DEFAULT_NEGATIVE!r})")
     p.add_argument("--shutdown-timeout", type=float, default=10.0,
@@ -152,7 +153,7 @@ def _setup_logging() -> None:
 def _check_args(args, error) -> None:
     for flag, value, low in (("--queue-size", args.queue_size, 1), ("--max-image-pixels", args.max_image_pixels, 1),
                              ("--max-output-pixels", args.max_output_pixels, 1),
-                             ("--default-steps", args.default_steps, 1),
+                             ("--default-steps", args.default_steps or 1, 1),
                              ("--restart-attempts", args.restart_attempts, 1), ("--port", args.port, 0),
                              ("--max-video-frames", args.max_video_frames, 1),
                              ("--max-stored-videos", args.max_stored_videos, 1)):

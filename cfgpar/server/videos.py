@@ -245,7 +245,7 @@ def _job(params: VideoParams, info: dict, config: ServerConfig) -> tuple[dict, O
     try:
         sampling = OmniDiffusionSamplingParams(
             guidance_scale=params.guidance_scale, guidance_scale_2=params.guidance_scale_2,
-            num_inference_steps=config.default_steps if params.num_inference_steps is None
+            num_inference_steps=config.default_steps or info["default_steps"] if params.num_inference_steps is None
             else params.num_inference_steps,
             seed=params.seed, height=height, width=width, num_frames=frames, fps=fps, flow_shift=params.flow_shift)
     except (ValueError, TypeError) as exc:  # its messages name the field and the allowed range

@@ -1,0 +1,97 @@
+"""The cost model for Bagel (BAGEL-7B-MoT): 1, 2 or 3 CFG ranks, with the guidance interval.
+
+Every step evaluates the generation query, Q = (W/16)(H/16) + 2 tokens, through the generation
+experts over one branch's context of K cached tokens (a prompt of T tokens; an edit adds the
+input through the VAE, Q tokens, and through the ViT, (980/14)^2 + 2 at most). Qwen2.5-7B's
+decoder: d = 3584, 28 layers, 4 key/value heads of 128, MLP width I = 18944; per forward
+
+    flops = 28 [2 Q (2 d^2 + 2 d 512 + 3 d I)  +  4 Q (K + Q) d]      projections + MLP, attention
+
+at the FLOP/s of the published one-H100 Qwen-Image forward (layout_model.throughput: the same GPU,
+bf16, a transformer of the same kind). The official schedule evaluates num_steps - 1 points; a
+step is guided when cfg_interval[0] < t <= cfg_interval[1] on the shifted time. A guided step of
+B branches costs ceil(B / c) forwards on c CFG ranks, an unguided one 1 forward (the full branch,
+rank 0) on any c; each step adds one all-gather of a [Q, 64] bf16 prediction. Context prefill
+(once a request, each rank its own branches) and the decode are small next to 49 forwards and
+counted as one forward each.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from cfgpar.bench.layout_model import NVLINK_BUS_BW, NVLINK_LATENCY_S, QWEN_IMAGE, throughput
+
+HIDDEN, LAYERS, KV_WIDTH, MLP_WIDTH = 3584, 28, 4 * 128, 18944
+PROMPT_TOKENS = 30  # a Bagel prompt: raw text between <|im_start|> and <|im_end|>, no template
+VIT_TOKENS = (980 // 14) ** 2 + 2
+# Peers' published figures (three branches on three GPUs against one):
+PEERS = [("vLLM-Omni, PR #1578", "2.45x on the CFG-active steps, 3 GPUs, BAGEL-7B-MoT (GPU not stated)"),
+         ("SenseNova-U1 on vLLM-Omni, #4188", "2.85x with three branches (as the issue cites it)")]
+
+
+@dataclass(frozen=True, kw_only=True)
+class BagelLoad:
+    side: int = 1024
+    steps: int = 50
+    edit: bool = True
+    interval: tuple[float, float] = (0.4, 1.0)
+    shift: float = 3.0
+
+    @property
+    def query(self) -> int:
+        return (self.side // 16) ** 2 + 2
+
+    @property
+    def branches(self) -> int:
+        return 3 if self.edit else 2
+
+    def context(self, branch: int) -> int:
+        """Cached tokens of branch 0 (full), 1 (without the text), 2 (without the image)."""
+        image = self.query + VIT_TOKENS if self.edit else 0
+        return (image + PROMPT_TOKENS + 2, image, PROMPT_TOKENS + 2)[branch]
+
+    def guided_steps(self) -> int:
+        t = torch.linspace(1, 0, self.steps)
+        t = self.shift * t / (1 + (self.shift - 1) * t)
+        return sum(1 for x in t[:-1] if self.interval[0] < x <= self.interval[1])
+
+
+def forward_s(load: BagelLoad, context: int) -> float:
+    q = load.query
+    linear = 2 * q * (2 * HIDDEN ** 2 + 2 * HIDDEN * KV_WIDTH + 3 * HIDDEN * MLP_WIDTH)
+    attention = 4 * q * (context + q) * HIDDEN
+    return LAYERS * (linear + attention) / throughput(QWEN_IMAGE)
+
+
+def loop_s(load: BagelLoad, cfg: int) -> float:
+    """The denoising loop on `cfg` CFG ranks: the slowest rank's forwards each step, plus the all-gather."""
+    per_branch = [forward_s(load, load.context(b)) for b in range(load.branches)]
+    slowest = max(sum(per_branch[b::cfg]) for b in range(cfg))  # branch i on rank i mod cfg
+    gather = 0.0 if cfg == 1 else NVLINK_LATENCY_S + load.query * 64 * 2 * (cfg - 1) / NVLINK_BUS_BW
+    guided = load.guided_steps()
+    return guided * (slowest + gather) + (load.steps - 1 - guided) * (per_branch[0] + gather)
+
+
+def bagel_table() -> str:
+    """Markdown: predicted BAGEL-7B-MoT loop times on H100s, 1 GPU against 2 and 3, peers beside."""
+    rows = ["| request (1024x1024, 50 steps, interval (0.4, 1]) | guided steps | 1 GPU s | 2 GPUs s | 3 GPUs s | "
+            "3 vs 1, loop | 3 vs 1, guided steps |", "|---|---|---|---|---|---|---|"]
+    for edit in (True, False):
+        load = BagelLoad(edit=edit)
+        one, two, three = (loop_s(load, c) for c in (1, 2, 3))
+        guided_speedup = sum(forward_s(load, load.context(b)) for b in range(load.branches)) / max(
+            forward_s(load, load.context(b)) for b in range(load.branches))
+        name = "edit, 3 branches" if edit else "text-to-image, 2 branches"
+        rows.append(f"| {name} | {load.guided_steps()} of {load.steps - 1} | {one:.1f} | {two:.1f} | {three:.1f} | "
+                    f"{one / three:.2f}x | {guided_speedup:.2f}x |")
+    rows += ["", "| peer | published |", "|---|---|"] + [f"| {who} | {what} |" for who, what in PEERS]
+    return "\n".join(rows)
+
+
+def idle_share(load: BagelLoad) -> float:
+    """Of the loop on `branches` ranks, the share spent in unguided steps (where ranks 1, 2 wait)."""
+    unguided = (load.steps - 1 - load.guided_steps()) * forward_s(load, load.context(0))
+    return unguided / loop_s(load, load.branches)
