@@ -85,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="only the sequence-parallel cases (Ulysses 2, Ring 2 vs 1 rank); writes bench-sp.json/.md")
     bench.add_argument("--video", action="store_true",
                        help="only the video case (Wan text-to-video, cfg 2 vs 1); writes bench-video.json/.md")
+    bench.add_argument("--bagel", action="store_true",
+                       help="only the Bagel case (a three-branch edit, cfg 2 vs 1); writes bench-bagel.json/.md")
     bench.add_argument("--num-layers", type=int, default=8, help="transformer blocks of the benchmark model")
     bench.add_argument("--out", default="benchmarks/results", help="where bench.json, bench.md and the plot go")
     bench.add_argument("--verbose", "-v", action="store_true")
@@ -211,18 +213,20 @@ def run_bench(args) -> int:
     from cfgpar.bench.measure import Point
 
     cfg = suite.BenchConfig(num_layers=args.num_layers, runs=args.runs, headline_rounds=args.rounds,
-                            video_rounds=args.rounds, out=Path(args.out))
+                            video_rounds=args.rounds, bagel_rounds=args.rounds, out=Path(args.out))
     if args.quick:
         cfg = suite.BenchConfig(num_layers=2, runs=1, headline_rounds=1, headline=Point(64, 4), sizes=(64,),
                                 sweep_steps=4, steps=(4,), steps_size=64, sp_sizes=(64,), sp_steps=2, sp_rounds=1,
-                                video=Point(64, 2, frames=5), video_rounds=1, out=Path(args.out))
+                                video=Point(64, 2, frames=5), video_rounds=1, bagel=Point(128, 4, three_branch=True),
+                                bagel_rounds=1, out=Path(args.out))
     log = lambda line: print(f"cfgpar bench: {line}", flush=True)  # noqa: E731
     if args.sequence_parallel:
         return _bench_sequence_parallel(cfg, log)
-    if args.video:
+    if args.video or args.bagel:
         from dataclasses import asdict
 
-        print(report.write_video(suite.run_video(cfg, log), suite.machine(), suite.jsonable(asdict(cfg)), cfg.out))
+        write, run = (report.write_video, suite.run_video) if args.video else (report.write_bagel, suite.run_bagel)
+        print(write(run(cfg, log), suite.machine(), suite.jsonable(asdict(cfg)), cfg.out))
         return 0
     results = suite.run(cfg, log=log)
     paths = report.write(results, cfg.out)

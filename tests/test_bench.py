@@ -40,3 +40,9 @@ def test_quick_bench_reports_share_of_the_bare_speedup(tmp_path):
     assert abs(clip["versus_bare"]["denoise_share"] - clip["versus_bare"]["denoise"] / clip["versus_bare"]["bare"]) < 1e-9
     assert clip["rows"]["bare_2"]["loop_s"] > 0 and clip["rows"]["cfgpar_2"]["branches"] == 2
     assert f"**{clip['versus_bare']['denoise_share']:.1%}**" in report and "Video (Wan text-to-video" in report
+    # the Bagel case: a three-branch edit at cfg 2 against 1 (two branches on rank 0), the limit 1.5x
+    # on its guided steps, as a share of the bare program's ratio with the same branch placement
+    case = results["bagel"]
+    assert case["steps"] == 4 and case["guided_steps"] == 3 and abs(case["limit"] - (3 * 3 + 0) / (2 * 3 + 0)) < 1e-9
+    assert case["rows"]["cfgpar_2"]["branches"] == 3 and case["rows"]["bare_2"]["loop_s"] > 0
+    assert f"**{case['versus_bare']['denoise_share']:.1%}**" in report and "Bagel (random weights" in report

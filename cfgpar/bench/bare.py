@@ -13,6 +13,7 @@ engine, no denoising loop, no combine rule, no scheduler step, no decode.
 
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing as mp
 import time
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ class BareSpec:
     params: object
     """Its OmniDiffusionSamplingParams (steps, size, scales: they fix the branches and shapes)."""
     ranks: int
-    """1: one process runs every branch; N: one process per branch, one all-gather a step."""
+    """1: one process runs every branch; N: branch i on process i mod N, one all-gather a step."""
     threads: int = 1
     """CPU threads per process."""
 
@@ -128,32 +129,43 @@ def _setup(spec: BareSpec, rank: int, rendezvous: RendezvousInfo):
     pipeline = import_pipeline(pipeline_path(spec.folder)).from_pretrained(
         spec.folder, device=torch.device("cpu"), dtype=torch.float32)
     request = make_request(0, spec.prompt, spec.params)
-    branches = pipeline.guidance(request).branches
-    if spec.ranks > 1 and len(branches) != spec.ranks:
-        raise ValueError(f"the bare program runs one branch per process: {len(branches)} branches, {spec.ranks} ranks.")
+    guidance = pipeline.guidance(request)
+    branches = guidance.branches
+    if spec.ranks > len(branches):
+        raise ValueError(f"the bare program runs a branch or more per process: {len(branches)} branches, "
+                         f"{spec.ranks} ranks.")
     plan = pipeline.prepare(request, [0])
-    mine = branches[rank::spec.ranks]
+    mine = list(range(rank, len(branches), spec.ranks))  # round robin, as the engine places them
     g = torch.Generator().manual_seed(rank)
 
-    def randomise(x):  # tensors (alone or in a dict) drawn anew, the rest kept
+    def randomise(x):  # tensors (alone, in a dict, a list or a dataclass) drawn anew, the rest kept
         if isinstance(x, dict):
             return {k: randomise(v) for k, v in x.items()}
+        if isinstance(x, list):
+            return [randomise(v) for v in x]
+        if dataclasses.is_dataclass(x) and not isinstance(x, type):
+            return dataclasses.replace(x, **{f.name: randomise(getattr(x, f.name)) for f in dataclasses.fields(x)})
         return torch.randn(x.shape, generator=g, dtype=x.dtype) if torch.is_tensor(x) else x
 
     plan.extras = randomise(plan.extras)
-    conds = [randomise(pipeline.encode(request, b, plan)) for b in mine]
+    conds = {i: randomise(pipeline.encode(request, branches[i], plan)) for i in mine}
     latents = randomise(plan.latents)
 
     def forwards() -> dict:
-        gathered = latents.new_empty((spec.ranks, 1, *latents.shape))
+        slots = -(-len(branches) // spec.ranks)
+        local = latents.new_zeros((slots, *latents.shape))
+        gathered = latents.new_empty((spec.ranks, *local.shape))
         forward_s = 0.0
         start = time.perf_counter()
         for t in plan.timesteps:
             forward_start = time.perf_counter()
-            preds = [pipeline.predict(plan, b, c, latents, t) for b, c in zip(mine, conds)]
+            active = guidance.active_at(t)  # outside a guidance interval the first branch alone
+            for slot, i in enumerate(mine):
+                if i in active:
+                    local[slot] = pipeline.predict(plan, branches[i], conds[i], latents, t)
             forward_s += time.perf_counter() - forward_start
             if spec.ranks > 1:
-                all_gather_slots(preds[0].unsqueeze(0), None, spec.ranks, out=gathered)
+                all_gather_slots(local, None, spec.ranks, out=gathered)
         return {"loop_s": time.perf_counter() - start, "forward_s": forward_s}
 
     return forwards

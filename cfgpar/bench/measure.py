@@ -115,7 +115,7 @@ def beside_bare(folder: Path, point: Point, *, edit: bool, engines: dict[str, di
         return interleaved(contestants, rounds)
 
 
-def versus_bare(rows: dict[str, list[dict]], steps: int) -> dict:
+def versus_bare(rows: dict[str, list[dict]], steps: int = 0, *, forwards: dict[str, int] | None = None) -> dict:
     """cfgpar's speedup as a share of the bare program's, round by round (the four runs of one
     round saw the same host), then the median over rounds. Also the time of one forward in
     each run, which shows whether cfgpar's forwards slow down more beside each other than the
@@ -126,12 +126,22 @@ def versus_bare(rows: dict[str, list[dict]], steps: int) -> dict:
         denoise, end_to_end = c1["denoise_s"] / c2["denoise_s"], c1["total_s"] / c2["total_s"]
         rounds.append(dict(bare=bare, denoise=denoise, end_to_end=end_to_end, denoise_share=denoise / bare,
                            end_to_end_share=end_to_end / bare))
-    # One process runs both branches' forwards each step, each of two processes one.
-    forwards = {"cfgpar_1": 2 * steps, "cfgpar_2": steps, "bare_1": 2 * steps, "bare_2": steps}
+    # Forwards rank 0 runs in one request; by default two branches: one process runs both each
+    # step, each of two processes one.
+    forwards = forwards or {"cfgpar_1": 2 * steps, "cfgpar_2": steps, "bare_1": 2 * steps, "bare_2": steps}
     one_forward_s = {name: statistics.median(r["forward_s"] for r in rows[name]) / n for name, n in forwards.items()}
     by_rank = [statistics.median(r["forward_s_by_rank"][i] for r in rows["bare_2"]) for i in range(2)]
     return dict(rounds=rounds, **{k: statistics.median(r[k] for r in rounds) for k in rounds[0]},
                 one_forward_s=one_forward_s, bare_2_forward_s_by_rank=by_rank)
+
+
+def speedup_table(rows: dict, versus: dict) -> list[str]:
+    """Markdown: a cfg 2 against 1 case's one row (denoise seconds, speedups, bare ratio, shares)."""
+    return ["| cfg 1 denoise s | cfg 2 denoise s | speedup (denoise) | end to end | bare ratio | share (denoise) | "
+            "share (end to end) |", "|---|---|---|---|---|---|---|",
+            f"| {rows['cfgpar_1']['denoise_s']:.2f} | {rows['cfgpar_2']['denoise_s']:.2f} | {versus['denoise']:.2f}x | "
+            f"{versus['end_to_end']:.2f}x | {versus['bare']:.2f}x | **{versus['denoise_share']:.1%}** | "
+            f"**{versus['end_to_end_share']:.1%}** |"]
 
 
 def median_row(rows: list[dict]) -> dict:

@@ -6,7 +6,7 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from cfgpar.bench import sequence, video
+from cfgpar.bench import bagel, sequence, video
 from cfgpar.bench.suite import Results
 
 HEADLINE_ROWS = [
@@ -36,6 +36,11 @@ def write_sequence_parallel(cases: list[dict], machine: dict, config: dict, out:
 def write_video(case: dict, machine: dict, config: dict, out: Path) -> str:
     """`cfgpar bench --video`'s bench-video.json (everything) and bench-video.md; returns the Markdown."""
     return _write_part("bench-video", "video", case, video.lines(case), machine, config, out)
+
+
+def write_bagel(case: dict, machine: dict, config: dict, out: Path) -> str:
+    """`cfgpar bench --bagel`'s bench-bagel.json (everything) and bench-bagel.md; returns the Markdown."""
+    return _write_part("bench-bagel", "bagel", case, bagel.lines(case), machine, config, out)
 
 
 def _write_part(stem: str, key: str, data, lines: list[str], machine: dict, config: dict, out: Path) -> str:
@@ -79,6 +84,8 @@ def markdown(results: Results) -> str:
         lines += sequence.lines(results.sequence_parallel, c["sp_rounds"])
     if results.video:
         lines += video.lines(results.video)
+    if results.bagel:
+        lines += bagel.lines(results.bagel)
     v = results.versus_diffusers
     ours, theirs = v["cfgpar_1"], v["diffusers_1"]
     lines += ["", f"Against diffusers' QwenImagePipeline on the same folder (text-to-image {v['size']} px, {v['steps']} "

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from cfgpar.bench import sequence, video
+from cfgpar.bench import bagel, sequence, video
 from cfgpar.bench.cost_model import RequestCosts, speedup
 from cfgpar.bench.measure import (
     Point, beside_bare, cfgpar_row, interleaved, measure_allgather, measure_diffusers, median_row, open_omni,
@@ -57,6 +57,10 @@ class BenchConfig:
     """The Wan text-to-video case: side in px, steps, frames (5 latent frames x 8 x 8 = 320 tokens)."""
     video_rounds: int = 3
     """Interleaved rounds of the video case (cfgpar at cfg 1 and 2, the bare program)."""
+    bagel: Point = Point(128, 10, three_branch=True)
+    """The Bagel case: an edit's side in px (256 latent tokens), steps (9 evaluations, 8 guided)."""
+    bagel_rounds: int = 3
+    """Interleaved rounds of the Bagel case."""
     out: Path = Path("benchmarks/results")
 
 
@@ -70,6 +74,7 @@ class Results:
     versus_bare: dict = field(default_factory=dict)
     sequence_parallel: list = field(default_factory=list)
     video: dict = field(default_factory=dict)
+    bagel: dict = field(default_factory=dict)
 
 
 def build_models(cfg: BenchConfig, root: Path) -> tuple[Path, Path]:
@@ -140,6 +145,7 @@ def run(cfg: BenchConfig, log=print) -> Results:
     )
     results.sequence_parallel = run_sequence_parallel(cfg, t2i_folder, log)
     results.video = run_video(cfg, log)
+    results.bagel = run_bagel(cfg, log)
     results.config["wall_s"] = time.perf_counter() - started
     return results
 
@@ -173,6 +179,14 @@ def run_video(cfg: BenchConfig, log=print) -> dict:
     log(f"video: Wan text-to-video {point.size}px, {point.frames} frames ({point.tokens} tokens), {point.steps} "
         f"steps, cfg 1 and 2 and the bare program in {cfg.video_rounds} interleaved rounds")
     return video.measure(build_wan(cfg, Path(".cache/bench")), point, cfg.video_rounds)
+
+
+def run_bagel(cfg: BenchConfig, log=print) -> dict:
+    """Bagel's three-branch edit, cfg 2 against 1 beside the bare program (bench/bagel.py)."""
+    point = cfg.bagel
+    log(f"bagel: a three-branch edit {point.size}px, {point.steps} steps, cfg 1 and 2 and the bare program in "
+        f"{cfg.bagel_rounds} interleaved rounds")
+    return bagel.measure(bagel.build(Path(".cache/bench")), point, cfg.bagel_rounds)
 
 
 def measure_versus_bare(folder: Path, point: Point, *, edit: bool, rounds: int) -> dict[str, list[dict]]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cfgpar.bench.measure import Point, beside_bare, median_row, versus_bare
+from cfgpar.bench.measure import Point, beside_bare, median_row, speedup_table, versus_bare
 
 
 def measure(folder: Path, point: Point, rounds: int) -> dict:
@@ -19,12 +19,7 @@ def measure(folder: Path, point: Point, rounds: int) -> dict:
 
 def lines(case: dict) -> list[str]:
     """Markdown: the case's one row."""
-    rows, versus = case["rows"], case["versus_bare"]
     return ["", f"Video (Wan text-to-video, {case['size']}x{case['size']} px, {case['frames']} frames = {case['tokens']} "
             f"video tokens, {case['steps']} steps, one thread per rank; medians of {case['rounds']} interleaved rounds; "
             "share = cfgpar's cfg 2 speedup / the bare program's 2-process ratio in the same round):", "",
-            "| cfg 1 denoise s | cfg 2 denoise s | speedup (denoise) | end to end | bare ratio | share (denoise) | "
-            "share (end to end) |", "|---|---|---|---|---|---|---|",
-            f"| {rows['cfgpar_1']['denoise_s']:.2f} | {rows['cfgpar_2']['denoise_s']:.2f} | {versus['denoise']:.2f}x | "
-            f"{versus['end_to_end']:.2f}x | {versus['bare']:.2f}x | **{versus['denoise_share']:.1%}** | "
-            f"**{versus['end_to_end_share']:.1%}** |"]
+            *speedup_table(case["rows"], case["versus_bare"])]

@@ -130,8 +130,10 @@ class BagelPipeline(DiffusionPipeline):
             raise RequestError("num_inference_steps must be at least 2 for Bagel (its schedule evaluates every "
                                f"point of linspace(1, 0, steps) but the last), got {p.num_inference_steps}.")
         if request.image is not None and (p.height or p.width):
-            raise RequestError("a Bagel edit keeps the input image's size (resized as the model was trained): "
-                               "drop height and width.")
+            height, width = self.output_size(request)
+            if (p.height or height, p.width or width) != (height, width):
+                raise RequestError(f"a Bagel edit keeps the input image's size, resized as the official code does: "
+                                   f"{width}x{height} here; drop height and width (or give those).")
         return {"text_scale": p.true_cfg_scale,
                 "image_scale": DEFAULT_IMAGE_SCALE if p.image_guidance_scale is None else p.image_guidance_scale,
                 "interval": DEFAULT_INTERVAL if p.cfg_interval is None else tuple(p.cfg_interval),

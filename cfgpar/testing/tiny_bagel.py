@@ -81,8 +81,10 @@ def flux_autoencoder_state(ch: int = 32, ch_mult=(1, 1), blocks: int = 1, z: int
     return state
 
 
-def write_tiny_bagel(folder: Path, *, seed: int = 0) -> Path:
-    """Write the folder (see the module docstring) and return it."""
+def write_tiny_bagel(folder: Path, *, seed: int = 0, llm: dict | None = None, vit: dict | None = None,
+                     autoencoder: dict | None = None, max_latent_size: int = MAX_LATENT_SIZE) -> Path:
+    """Write the folder (see the module docstring) and return it. `llm`, `vit` override config
+    entries, `autoencoder` flux_autoencoder_state's sizes (the benchmark's model is larger)."""
     from cfgpar.models.bagel.llm import llm_config as parse_llm
     from cfgpar.models.bagel.model import Bagel
     from cfgpar.models.bagel.vision import vit_config as parse_vit
@@ -91,15 +93,16 @@ def write_tiny_bagel(folder: Path, *, seed: int = 0) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tiny_tokenizer()
     tokenizer.save_pretrained(folder)
-    llm = llm_config(len(tokenizer))
+    llm = {**llm_config(len(tokenizer)), **(llm or {})}
+    vit_raw = {**VIT_CONFIG, **(vit or {})}
+    ae = {"ch": 32, "ch_mult": (1, 1), "blocks": 1, "z": 4, **(autoencoder or {})}
     (folder / "llm_config.json").write_text(json.dumps(llm, indent=2))
-    (folder / "vit_config.json").write_text(json.dumps(VIT_CONFIG, indent=2))
+    (folder / "vit_config.json").write_text(json.dumps(vit_raw, indent=2))
     torch.manual_seed(seed)
-    vit = parse_vit(VIT_CONFIG)
-    model = Bagel(parse_llm(llm), vit, latent_channels=4, max_latent_size=MAX_LATENT_SIZE,
-                  vit_side=VIT_CONFIG["image_size"] // VIT_CONFIG["patch_size"])
+    model = Bagel(parse_llm(llm), parse_vit(vit_raw), latent_channels=ae["z"], max_latent_size=max_latent_size,
+                  vit_side=vit_raw["image_size"] // vit_raw["patch_size"])
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     state["language_model.lm_head.weight"] = torch.randn(llm["vocab_size"], llm["hidden_size"]) * 0.02
     save_file(state, str(folder / "ema.safetensors"))
-    save_file(flux_autoencoder_state(seed=seed), str(folder / "ae.safetensors"))
+    save_file(flux_autoencoder_state(**ae, seed=seed), str(folder / "ae.safetensors"))
     return folder
