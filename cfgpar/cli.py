@@ -218,7 +218,7 @@ def run_bench(args) -> int:
         cfg = suite.BenchConfig(num_layers=2, runs=1, headline_rounds=1, headline=Point(64, 4), sizes=(64,),
                                 sweep_steps=4, steps=(4,), steps_size=64, sp_sizes=(64,), sp_steps=2, sp_rounds=1,
                                 video=Point(64, 2, frames=5), video_rounds=1, bagel=Point(128, 4, three_branch=True),
-                                bagel_rounds=1, out=Path(args.out))
+                                bagel_rounds=1, all_threads=False, out=Path(args.out))
     log = lambda line: print(f"cfgpar bench: {line}", flush=True)  # noqa: E731
     if args.sequence_parallel:
         return _bench_sequence_parallel(cfg, log)

@@ -197,11 +197,11 @@ def test_params_validated():
 
 @pytest.mark.exactness
 @pytest.mark.surface
-def test_cli_example_and_server_at_cfg_2_and_3_give_the_one_rank_pictures(folder, pipeline, picture, tmp_path):
-    """The guide's surfaces on the tiny Bagel, one thread per rank, against one rank in this process:
-    `cfgpar edit --cfg-parallel-size 3` (three branches, three ranks), the example script's
-    text-to-image at 3 ranks (two branches: rank 2 idle), and `cfgpar serve --cfg-parallel-size 2`
-    answering the OpenAI client's generate and edit (two branches on rank 0)."""
+def test_cli_example_and_server_at_cfg_3_give_the_one_rank_pictures(folder, pipeline, picture, tmp_path):
+    """The guide's surfaces on the tiny Bagel at --cfg-parallel-size 3, one thread per rank, against
+    one rank in this process: `cfgpar edit` (three branches, three ranks), the example script's
+    text-to-image (two branches: rank 2 idle), and `cfgpar serve` answering the OpenAI client's
+    generate and edit. (Two ranks, two branches on rank 0: the layout test above.)"""
     import base64
     import io
     import subprocess
@@ -235,7 +235,7 @@ def test_cli_example_and_server_at_cfg_2_and_3_give_the_one_rank_pictures(folder
         "6", "--seed", "3", "--height", "32", "--width", "48", "--output", tmp_path / "t2i.png")
     assert np.array_equal(np.asarray(Image.open(tmp_path / "t2i.png")), want["t2i"])
 
-    server = Server("bagel", folder, tmp_path, "--cfg-parallel-size", "2").wait_ready()
+    server = Server("bagel", folder, tmp_path, "--cfg-parallel-size", "3").wait_ready()
     try:
         api = client(server, None)
         extra = {"num_inference_steps": 6, "seed": 3}
@@ -263,3 +263,42 @@ def test_cost_model_counts_the_official_guided_steps():
     assert 2.0 < loop_s(edit, 1) / loop_s(edit, 3) < 3.0
     assert abs(loop_s(t2i, 3) / loop_s(t2i, 2) - 1) < 1e-3  # two branches: a third rank adds only its all-gather share
     assert "| edit, 3 branches | 41 of 49 |" in bagel_table()
+
+
+def test_full_size_layout_loads_the_official_key_names():
+    """BAGEL-7B-MoT's sizes (Qwen2.5-7B, SigLIP so400m at 980 px, FLUX's autoencoder), built on the
+    meta device: the checkpoint's key names map onto the modules, and the autoencoder's size is
+    read from its tensors (ch 128, ch_mult 1 2 4 4, 2 blocks, 16 latent channels: 8 px a latent pixel)."""
+    from diffusers import AutoencoderKL
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
+    from cfgpar.models.bagel.autoencoder import autoencoder_config
+    from cfgpar.models.bagel.llm import llm_config
+    from cfgpar.models.bagel.model import Bagel
+    from cfgpar.models.bagel.vision import vit_config
+    from cfgpar.testing.tiny_bagel import flux_autoencoder_state
+
+    with torch.device("meta"):
+        state = flux_autoencoder_state(ch=128, ch_mult=(1, 2, 4, 4), blocks=2, z=16)
+        config = autoencoder_config(state)
+        vae = AutoencoderKL(**config)
+        model = Bagel(llm_config({"hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
+                                  "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 152064,
+                                  "rope_theta": 1000000.0, "rms_norm_eps": 1e-6}),
+                      vit_config({"hidden_size": 1152, "intermediate_size": 4304, "num_attention_heads": 16,
+                                  "num_hidden_layers": 27, "patch_size": 14, "image_size": 980}),
+                      latent_channels=16, max_latent_size=64, vit_side=70)
+    assert (config["block_out_channels"], config["layers_per_block"], config["latent_channels"]) == ([128, 256, 512, 512], 2, 16)
+    missing, unexpected = vae.load_state_dict(convert_ldm_vae_checkpoint(state, config), strict=False, assign=True)
+    assert not missing and not unexpected
+    keys = set(model.state_dict())
+    layer = "language_model.model.layers.27."
+    for name in ("self_attn.q_proj_moe_gen.weight", "self_attn.k_norm_moe_gen.weight", "mlp_moe_gen.down_proj.weight",
+                 "input_layernorm_moe_gen.weight", "post_attention_layernorm.weight", "self_attn.o_proj.weight"):
+        assert layer + name in keys
+    assert {"language_model.model.norm_moe_gen.weight", "vit_model.vision_model.encoder.layers.25.mlp.fc2.weight",
+            "vit_model.vision_model.embeddings.patch_embedding.weight", "latent_pos_embed.pos_embed",
+            "vit_pos_embed.pos_embed", "time_embedder.mlp.2.weight", "connector.fc1.weight"} <= keys
+    assert "vit_model.vision_model.encoder.layers.26.mlp.fc2.weight" not in keys  # the official drops the last layer
+    assert model.state_dict()["vit_model.vision_model.embeddings.patch_embedding.weight"].shape == (1152, 588)
+    assert model.state_dict()["latent_pos_embed.pos_embed"].shape == (4096, 3584)

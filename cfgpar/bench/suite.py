@@ -61,6 +61,8 @@ class BenchConfig:
     """The Bagel case: an edit's side in px (256 latent tokens), steps (9 evaluations, 8 guided)."""
     bagel_rounds: int = 3
     """Interleaved rounds of the Bagel case."""
+    all_threads: bool = True
+    """Whether the headline also runs cfg_parallel_size 1 on every core (off in --quick)."""
     out: Path = Path("benchmarks/results")
 
 
@@ -109,7 +111,8 @@ def run(cfg: BenchConfig, log=print) -> Results:
 
     log(f"headline: edit {cfg.headline.size}px, {cfg.headline.steps} steps, cfgpar and the bare program in "
         f"{cfg.headline_rounds} interleaved rounds")
-    rows = measure_versus_bare(edit_folder, cfg.headline, edit=True, rounds=cfg.headline_rounds)
+    rows = measure_versus_bare(edit_folder, cfg.headline, edit=True, rounds=cfg.headline_rounds,
+                               all_threads=cfg.all_threads)
     results.headline = {name: median_row(r) for name, r in rows.items()}
     results.versus_bare = versus_bare(rows, cfg.headline.steps)
     three = Point(cfg.headline.size, cfg.headline.steps, three_branch=True)
@@ -189,11 +192,13 @@ def run_bagel(cfg: BenchConfig, log=print) -> dict:
     return bagel.measure(bagel.build(Path(".cache/bench")), point, cfg.bagel_rounds)
 
 
-def measure_versus_bare(folder: Path, point: Point, *, edit: bool, rounds: int) -> dict[str, list[dict]]:
+def measure_versus_bare(folder: Path, point: Point, *, edit: bool, rounds: int,
+                        all_threads: bool = True) -> dict[str, list[dict]]:
     """cfgpar at cfg sizes 1 and 2 (one thread per rank) and at size 1 on all the threads, beside
     the bare program on one process and on two. Each contestant's rows, in round order."""
-    engines = {"cfgpar_1": dict(cfg_size=1, threads=1), "cfgpar_2": dict(cfg_size=2, threads=1),
-               "cfgpar_1_all_threads": dict(cfg_size=1, threads=2)}
+    engines = {"cfgpar_1": dict(cfg_size=1, threads=1), "cfgpar_2": dict(cfg_size=2, threads=1)}
+    if all_threads:
+        engines["cfgpar_1_all_threads"] = dict(cfg_size=1, threads=2)
     return beside_bare(folder, point, edit=edit, engines=engines, rounds=rounds)
 
 
