@@ -65,6 +65,8 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(f"--gpus must be between 1 and {MAX_DEGREE}, got {args.gpus}.")
     if args.steps is not None and args.steps < 1:
         raise CliError(f"--steps must be at least 1, got {args.steps}.")
+    if args.model and _is_bagel(args.model):
+        return run_bagel(args)
     model = load_model(args.model)
     if isinstance(model, VideoModelSpec):
         return run_video(args, model)
@@ -114,6 +116,31 @@ def run_video(args: argparse.Namespace, model: VideoModelSpec) -> int:
           "decoded on rank 0 (cfgpar/bench/video_model.py): the order is what to read, not the seconds")
     print("best: " + video_command_line(model, ranked[0], steps=steps, size=(width, height), frames=frames,
                                         model_arg=args.model))
+    return 0
+
+
+def _is_bagel(name: str) -> bool:
+    from cfgpar.models.loader import is_bagel
+
+    path = Path(name).expanduser()
+    return is_bagel(path) if path.is_dir() else "bagel" in name.lower()
+
+
+def run_bagel(args: argparse.Namespace) -> int:
+    """Bagel's loop on 1 to 3 CFG ranks (bench/bagel_model.py): its branches, not a layout search
+    (Bagel has no sequence parallelism yet)."""
+    from cfgpar.bench.bagel_model import BagelLoad, plan_lines
+
+    if args.frames is not None:
+        raise CliError("--frames is for video models; Bagel makes pictures.")
+    width, height = parse_size(args.size or "1024x1024")
+    steps = args.steps or 50
+    edit, t2i = (BagelLoad(width=width, height=height, steps=steps, edit=e) for e in (True, False))
+    print(f"{args.model} (Bagel: its branches on 1 to 3 CFG ranks), {width}x{height}, {steps} steps, "
+          "cfg_interval (0.4, 1], predicted denoising loop on H100s:")
+    print("\n".join(plan_lines(edit, t2i, args.gpus)))
+    best = min(args.gpus, 3)
+    print(f"\nBest: cfgpar edit --model {args.model} --image IN.png --prompt \"...\" --cfg-parallel-size {best}")
     return 0
 
 

@@ -302,3 +302,14 @@ def test_full_size_layout_loads_the_official_key_names():
     assert "vit_model.vision_model.encoder.layers.26.mlp.fc2.weight" not in keys  # the official drops the last layer
     assert model.state_dict()["vit_model.vision_model.embeddings.patch_embedding.weight"].shape == (1152, 588)
     assert model.state_dict()["latent_pos_embed.pos_embed"].shape == (4096, 3584)
+
+
+def test_plan_predicts_bagel_on_1_to_3_gpus(folder, capsys):
+    from cfgpar.cli import main
+
+    assert main(["plan", "--gpus", "4", "--model", "ByteDance-Seed/BAGEL-7B-MoT"]) == 0
+    out = capsys.readouterr().out
+    assert "| edit, 3 branches | 41 of 49 |" in out and "3 GPUs s" in out and "4 GPUs" not in out
+    assert "--cfg-parallel-size 3" in out
+    assert main(["plan", "--gpus", "2", "--model", str(folder), "--size", "512x512"]) == 0  # a local Bagel folder
+    assert "512x512" in capsys.readouterr().out

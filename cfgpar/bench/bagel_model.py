@@ -34,7 +34,8 @@ PEERS = [("vLLM-Omni, PR #1578", "2.45x on the CFG-active steps, 3 GPUs, BAGEL-7
 
 @dataclass(frozen=True, kw_only=True)
 class BagelLoad:
-    side: int = 1024
+    width: int = 1024
+    height: int = 1024
     steps: int = 50
     edit: bool = True
     interval: tuple[float, float] = (0.4, 1.0)
@@ -42,7 +43,7 @@ class BagelLoad:
 
     @property
     def query(self) -> int:
-        return (self.side // 16) ** 2 + 2
+        return (self.width // 16) * (self.height // 16) + 2
 
     @property
     def branches(self) -> int:
@@ -89,6 +90,18 @@ def bagel_table() -> str:
                     f"{one / three:.2f}x | {guided_speedup:.2f}x |")
     rows += ["", "| peer | published |", "|---|---|"] + [f"| {who} | {what} |" for who, what in PEERS]
     return "\n".join(rows)
+
+
+def plan_lines(load_edit: BagelLoad, load_t2i: BagelLoad, gpus: int) -> list[str]:
+    """`cfgpar plan` for Bagel: the loop on 1 .. min(gpus, 3) CFG ranks, an edit and text-to-image."""
+    sizes = range(1, min(gpus, 3) + 1)
+    rows = ["| request | guided steps | " + " | ".join(f"{c} GPU{'s' if c > 1 else ''} s" for c in sizes) + " |",
+            "|---|---|" + "---|" * len(sizes)]
+    for name, load in (("edit, 3 branches", load_edit), ("text-to-image, 2 branches", load_t2i)):
+        one = loop_s(load, 1)
+        cells = [f"{loop_s(load, c):.1f} ({one / loop_s(load, c):.2f}x)" for c in sizes]
+        rows.append(f"| {name} | {load.guided_steps()} of {load.steps - 1} | " + " | ".join(cells) + " |")
+    return rows
 
 
 def idle_share(load: BagelLoad) -> float:

@@ -57,8 +57,8 @@ class BenchConfig:
     """The Wan text-to-video case: side in px, steps, frames (5 latent frames x 8 x 8 = 320 tokens)."""
     video_rounds: int = 3
     """Interleaved rounds of the video case (cfgpar at cfg 1 and 2, the bare program)."""
-    bagel: Point = Point(128, 10, three_branch=True)
-    """The Bagel case: an edit's side in px (256 latent tokens), steps (9 evaluations, 8 guided)."""
+    bagel: Point = Point(192, 10, three_branch=True)
+    """The Bagel case: an edit's side in px (576 latent tokens), steps (9 evaluations, 8 guided)."""
     bagel_rounds: int = 3
     """Interleaved rounds of the Bagel case."""
     all_threads: bool = True
