@@ -130,8 +130,9 @@ class Omni:
 
 def check_layout_fits(folder: Path, pipeline: str, parallel_config: DiffusionParallelConfig) -> None:
     """Refuse, before any process starts, a layout the model cannot run: more CFG ranks than its
-    guidance branches, sequence parallelism for a model without it, or a Ulysses degree that does not divide its attention heads (the ranks
-    check the loaded model again), or a VAE decode over ranks for a video model."""
+    guidance branches, sequence parallelism for a model without it, a Ulysses degree that does not
+    divide its attention heads (the ranks check the loaded model again), or a VAE decode over
+    ranks for a video model."""
     pipeline_cls = import_pipeline(pipeline)
     max_branches = pipeline_cls.max_branches
     if pipeline_cls.output_kind == "video" and parallel_config.vae_patch_parallel_size > 1:
