@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from cfgpar.cli_common import DEFAULT_NEGATIVE, CliError, add_layout_args, parallel_config
+from cfgpar.inputs.data import RENORM_TYPES
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, *, size: bool) -> None:
@@ -26,7 +27,7 @@ def _add_sampling_args(p: argparse.ArgumentParser, *, size: bool) -> None:
     bagel.add_argument("--cfg-interval", type=float, nargs=2, metavar=("LOW", "HIGH"), default=None,
                        help="guidance only at the steps with LOW < t <= HIGH (default 0.4 1.0)")
     bagel.add_argument("--timestep-shift", type=float, default=None, help="schedule shift (default 3.0)")
-    bagel.add_argument("--cfg-renorm-type", choices=("global", "channel", "text_channel"), default=None,
+    bagel.add_argument("--cfg-renorm-type", choices=RENORM_TYPES, default=None,
                        help="renormalisation of the guided velocity (default global)")
     bagel.add_argument("--cfg-renorm-min", type=float, default=None, help="its lower clamp (default 0)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise (default 0)")

@@ -50,9 +50,7 @@ class Guidance:
 
     def active_at(self, t: torch.Tensor) -> range:
         """The branches the step at timestep t needs (the first ones; every branch when guided)."""
-        if self.interval is not None and not (self.interval[0] < t <= self.interval[1]):
-            return range(1)
-        return range(len(self.branches))
+        return range(len(self.branches)) if guided_at(self.interval, t) else range(1)
 
     def combine_at(self, t: torch.Tensor) -> Combine:
         """The combine rule of the step at timestep t, over the predictions of `active_at(t)`."""
@@ -61,6 +59,11 @@ class Guidance:
         if self.switch is not None and t < self.switch[0]:
             return self.switch[1]
         return self.combine
+
+
+def guided_at(interval: tuple[float, float] | None, t) -> bool:
+    """Whether the step at t is guided under `interval` (low, high]: low < t <= high (None: every step)."""
+    return interval is None or bool(interval[0] < t <= interval[1])
 
 
 # ---- combine rules: pure functions of the branch predictions --------------------------------

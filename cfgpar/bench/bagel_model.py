@@ -20,9 +20,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from cfgpar.bench.layout_model import NVLINK_BUS_BW, NVLINK_LATENCY_S, QWEN_IMAGE, throughput
+from cfgpar.guidance import guided_at
+from cfgpar.models.bagel.schedule import DEFAULT_INTERVAL, DEFAULT_SHIFT, flow_times
 
 HIDDEN, LAYERS, KV_WIDTH, MLP_WIDTH = 3584, 28, 4 * 128, 18944
 PROMPT_TOKENS = 30  # a Bagel prompt: raw text between <|im_start|> and <|im_end|>, no template
@@ -38,8 +38,8 @@ class BagelLoad:
     height: int = 1024
     steps: int = 50
     edit: bool = True
-    interval: tuple[float, float] = (0.4, 1.0)
-    shift: float = 3.0
+    interval: tuple[float, float] = DEFAULT_INTERVAL
+    shift: float = DEFAULT_SHIFT
 
     @property
     def query(self) -> int:
@@ -55,9 +55,7 @@ class BagelLoad:
         return (image + PROMPT_TOKENS + 2, image, PROMPT_TOKENS + 2)[branch]
 
     def guided_steps(self) -> int:
-        t = torch.linspace(1, 0, self.steps)
-        t = self.shift * t / (1 + (self.shift - 1) * t)
-        return sum(1 for x in t[:-1] if self.interval[0] < x <= self.interval[1])
+        return sum(guided_at(self.interval, t) for t in flow_times(self.steps, self.shift)[:-1])
 
 
 def forward_s(load: BagelLoad, context: int) -> float:
@@ -102,9 +100,3 @@ def plan_lines(load_edit: BagelLoad, load_t2i: BagelLoad, gpus: int) -> list[str
         cells = [f"{loop_s(load, c):.1f} ({one / loop_s(load, c):.2f}x)" for c in sizes]
         rows.append(f"| {name} | {load.guided_steps()} of {load.steps - 1} | " + " | ".join(cells) + " |")
     return rows
-
-
-def idle_share(load: BagelLoad) -> float:
-    """Of the loop on `branches` ranks, the share spent in unguided steps (where ranks 1, 2 wait)."""
-    unguided = (load.steps - 1 - load.guided_steps()) * forward_s(load, load.context(0))
-    return unguided / loop_s(load, load.branches)

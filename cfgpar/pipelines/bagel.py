@@ -29,14 +29,12 @@ from cfgpar.engine.request import GenerationRequest
 from cfgpar.guidance import Branch, Guidance, bagel_cfg, make_combine, unguided
 from cfgpar.models.bagel import autoencoder
 from cfgpar.models.bagel.model import LATENT_PATCH, Bagel, SpecialTokens, load_bagel
+from cfgpar.models.bagel.schedule import DEFAULT_INTERVAL, DEFAULT_SHIFT, flow_times
 from cfgpar.models.bagel.vision import unpatchify
 from cfgpar.inputs.data import VIDEO_PARAMS
 from cfgpar.pipelines.base import DiffusionPipeline, Plan, RequestError, refuse_params
 
 DEFAULT_IMAGE_SCALE = 1.5
-DEFAULT_INTERVAL = (0.4, 1.0)
-DEFAULT_SHIFT = 3.0
-RENORM_TYPES = ("global", "channel", "text_channel")
 MAX_PIXELS = 14 * 14 * 9 * 1024  # the official ImageTransform's cap
 VIT_MIN_SIDE = 224
 
@@ -98,8 +96,7 @@ class BagelPipeline(DiffusionPipeline):
                    tokenizer=AutoTokenizer.from_pretrained(folder), device=device, dtype=dtype)
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "tasks": list(self.tasks), "size_unit": self.unit, "default_size": self.max_side,
-                "max_size": self.max_side}
+        return {**super().describe(), "size_unit": self.unit, "default_size": self.max_side, "max_size": self.max_side}
 
     # ---- guidance ----------------------------------------------------------------------------
 
@@ -158,9 +155,7 @@ class BagelPipeline(DiffusionPipeline):
     def prepare(self, request: GenerationRequest, rows: list[int]) -> Plan:
         height, width = self.output_size(request)
         h, w = height // self.unit, width // self.unit
-        shift = request.params.timestep_shift or DEFAULT_SHIFT
-        t = torch.linspace(1, 0, request.params.num_inference_steps)
-        t = shift * t / (1 + (shift - 1) * t)
+        t = flow_times(request.params.num_inference_steps, request.params.timestep_shift or DEFAULT_SHIFT)
         self._dts = {float(a): a - b for a, b in zip(t[:-1], t[1:])}
         # The whole request's noise from the seed, then this rank's rows: [outputs, h w, 4 z].
         generator = torch.Generator("cpu").manual_seed(request.seed)

@@ -62,6 +62,11 @@ class DiffusionPipeline(ABC):
     """"text-to-image", "edit" (the request must carry an input image), "text-to-video",
     "image-to-video" (an input image is required) or "text-image-to-video" (optional)."""
 
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        """Every task the loaded model serves (Bagel: text-to-image and edit); `task` alone by default."""
+        return (self.task,)
+
     output_kind: ClassVar[str] = "image"
     """"image": decode returns B PIL images; "video": B lists of PIL frames."""
 
@@ -85,7 +90,7 @@ class DiffusionPipeline(ABC):
 
     def describe(self) -> dict[str, Any]:
         """Facts about the loaded model that callers validate requests against."""
-        return {"task": self.task, "tasks": [self.task], "max_branches": self.max_branches, "output": self.output_kind,
+        return {"task": self.task, "tasks": list(self.tasks), "max_branches": self.max_branches, "output": self.output_kind,
                 "default_steps": self.default_steps, "needs_negative_prompt": self.needs_negative_prompt}
 
     @classmethod

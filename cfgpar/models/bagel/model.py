@@ -22,7 +22,6 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
 from torch import nn
 
 from cfgpar.models.bagel.llm import KVCache, Query, Qwen2MoTForCausalLM, Qwen2RotaryEmbedding, llm_config
@@ -127,23 +126,18 @@ class Bagel(nn.Module):
         return self.llm2vae(hidden)
 
 
-def read_json(path: Path) -> dict:
-    return json.loads(path.read_text())
-
-
 def load_bagel(folder: Path, *, device: torch.device, dtype: torch.dtype) -> Bagel:
     """The model from a BAGEL-7B-MoT folder; sizes come from its configs and tensor shapes
-    (the position tables fix max_latent_size and the ViT's patches per side)."""
+    (the position tables fix max_latent_size and the ViT's patches per side). The lm_head
+    (152064 x 3584 at full size) is never read: generation does not use it."""
     with safe_open(str(folder / "ema.safetensors"), framework="pt") as f:
-        shapes = {k: f.get_slice(k).get_shape() for k in ("latent_pos_embed.pos_embed", "vit_pos_embed.pos_embed",
-                                                          "vae2llm.weight")}
-    llm = llm_config(read_json(folder / "llm_config.json"))
-    vit = vit_config(read_json(folder / "vit_config.json"))
+        state = {k: f.get_tensor(k) for k in f.keys() if not k.startswith("language_model.lm_head.")}
+    llm = llm_config(json.loads((folder / "llm_config.json").read_text()))
+    vit = vit_config(json.loads((folder / "vit_config.json").read_text()))
     with torch.device("meta"):
-        model = Bagel(llm, vit, latent_channels=shapes["vae2llm.weight"][1] // LATENT_PATCH ** 2,
-                      max_latent_size=math.isqrt(shapes["latent_pos_embed.pos_embed"][0]),
-                      vit_side=math.isqrt(shapes["vit_pos_embed.pos_embed"][0]))
-    state = {k: v for k, v in load_file(str(folder / "ema.safetensors")).items() if not k.startswith("language_model.lm_head.")}
+        model = Bagel(llm, vit, latent_channels=state["vae2llm.weight"].shape[1] // LATENT_PATCH ** 2,
+                      max_latent_size=math.isqrt(state["latent_pos_embed.pos_embed"].shape[0]),
+                      vit_side=math.isqrt(state["vit_pos_embed.pos_embed"].shape[0]))
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if missing or unexpected:
         raise ValueError(f"{folder / 'ema.safetensors'} does not match llm_config.json and vit_config.json: "
