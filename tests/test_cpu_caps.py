@@ -42,12 +42,14 @@ def probe(capped: bool) -> tuple[str, str, str, str]:
 
 @pytest.mark.skipif("avx2" not in cpu_flags(), reason="the caps only matter on a machine with AVX2")
 def test_avx2_caps_take_effect():
+    """What the second run relies on, whatever the vendor calls its instructions: capped, ATen
+    dispatches its AVX2 kernels and oneDNN reports AVX2 code; on a CPU with wider vectors the
+    uncapped run reports other ISAs, and the kernels it selects compute other last bits."""
     capability, attention, conv, isa = probe(capped=True)
     assert capability == "AVX2"
-    assert isa.endswith("isa:Intel AVX2"), isa
+    assert "AVX2" in isa.rpartition("isa:")[2], isa
     if "avx512f" in cpu_flags():
         full = probe(capped=False)
-        # oneDNN names the AVX-512 family "AVX-512", or "AVX 10.1" on CPUs with AVX10 (Sapphire Rapids on)
-        assert full[0] == "AVX512" and ("AVX-512" in full[3] or "AVX 10" in full[3]), full
+        assert full[0] != "AVX2" and full[3] != isa, (full, isa)
         assert attention != full[1], "ATEN_CPU_CAPABILITY=avx2 did not change ATen's kernels"
         assert conv != full[2], "ONEDNN_MAX_CPU_ISA=AVX2 did not change oneDNN's kernels"
