@@ -17,8 +17,10 @@ from cfgpar.diffusion.data import DiffusionParallelConfig
 from cfgpar.distributed.sequence_parallel import check_ulysses_degree
 from cfgpar.engine.engine import Engine, EngineConfig
 from cfgpar.engine.request import GenerationRequest
+from cfgpar.engine.watchdog import WatchdogConfig
 from cfgpar.inputs.data import OmniDiffusionSamplingParams
-from cfgpar.models.loader import import_pipeline, pipeline_path, resolve_model, transformer_config
+from cfgpar.models.loader import pipeline_path, resolve_model, transformer_config
+from cfgpar.models.registry import facts_of
 from cfgpar.outputs import OmniRequestOutput
 
 PromptType = str | Mapping[str, Any]
@@ -64,6 +66,7 @@ class Omni:
         device: str = "auto",
         dtype: str = "auto",
         progress_bar: bool = True,
+        watchdog: WatchdogConfig | None = None,
     ):
         parallel_config = parallel_config or DiffusionParallelConfig()
         world = parallel_config.world_size
@@ -77,6 +80,7 @@ class Omni:
             model_folder=folder, pipeline=pipeline, parallel=parallel_config,
             threads_per_rank=threads_per_rank or default_threads_per_rank(world),
             device=device, dtype=_pick_dtype(dtype, device), progress=progress_bar,
+            watchdog=watchdog or WatchdogConfig(),
         ))
         self._ids = itertools.count()
         self.engine.start()
@@ -117,6 +121,27 @@ class Omni:
             fps=fps, seed=request.seed, metrics=result.metrics,
         )
 
+    @property
+    def startup(self) -> dict[str, float]:
+        """Seconds the start took, by stage (Engine.startup): total_s, spawn_s, import_torch_s,
+        join_s, import_model_code_s, load_s."""
+        return dict(self.engine.startup)
+
+    @property
+    def rank_pids(self) -> list[int]:
+        """Process ids of the ranks, rank 0 first (empty once closed)."""
+        return self.engine.pids
+
+    def check(self) -> None:
+        """Raise EngineError if a rank has died or hung while the engine was idle."""
+        self.engine.check()
+
+    def interrupt(self) -> None:
+        """From any thread: stop the request in flight and the ranks (they leave between two
+        steps, and are killed if they have not within a couple of seconds). The request raises
+        EngineError with cause "stopped"; this Omni takes no more work."""
+        self.engine.interrupt()
+
     def close(self) -> None:
         """Stop every rank. Idempotent."""
         self._finalizer()
@@ -133,12 +158,12 @@ def check_layout_fits(folder: Path, pipeline: str, parallel_config: DiffusionPar
     guidance branches, sequence parallelism for a model without it, a Ulysses degree that does not
     divide its attention heads (the ranks check the loaded model again), or a VAE decode over
     ranks for a video model."""
-    pipeline_cls = import_pipeline(pipeline)
-    max_branches = pipeline_cls.max_branches
-    if pipeline_cls.output_kind == "video" and parallel_config.vae_patch_parallel_size > 1:
+    facts = facts_of(pipeline)
+    max_branches = facts.max_branches
+    if facts.output_kind == "video" and parallel_config.vae_patch_parallel_size > 1:
         raise ValueError(f"vae_patch_parallel_size={parallel_config.vae_patch_parallel_size}: the VAE decode over "
                          "ranks is for image models, a video decodes on rank 0; use vae_patch_parallel_size=1.")
-    if parallel_config.sequence_parallel_size > 1 and not pipeline_cls.sequence_parallel:
+    if parallel_config.sequence_parallel_size > 1 and not facts.sequence_parallel:
         raise ValueError(f"{pipeline.rpartition(':')[2]} does not support sequence parallelism yet; use "
                          "ulysses_degree=1 and ring_degree=1 (cfg_parallel_size spreads its guidance branches).")
     if parallel_config.cfg_parallel_size > max_branches:

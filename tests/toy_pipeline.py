@@ -16,6 +16,7 @@ import torch.distributed as dist
 from PIL import Image
 
 from cfgpar.guidance import Branch, Guidance, cfg, dual_cfg, make_combine, unguided
+from cfgpar.models.registry import PipelineFacts
 from cfgpar.pipelines.base import DiffusionPipeline, Plan, RequestError
 
 TOKENS, CHANNELS, SIDE = 16, 8, 4  # 16 tokens = a 4x4 image of 8-channel latents
@@ -35,7 +36,7 @@ def _embed(text: str, use_image: bool) -> torch.Tensor:
 
 
 class ToyPipeline(DiffusionPipeline):
-    max_branches = 3
+    facts = PipelineFacts(max_branches=3, tasks=("text-to-image", "edit"))
 
     def __init__(self, w: torch.Tensor):
         self.w = w

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -30,7 +30,9 @@ from cfgpar.distributed.sequence_parallel import SequenceShards
 from cfgpar.distributed.vae_patch import bands_needed, parallel_band_decode
 from cfgpar.engine.request import GenerationRequest, GenerationResult, StageMetrics
 from cfgpar.guidance import branches_of_rank, gathered_index, slots_per_rank, split_outputs
-from cfgpar.pipelines.base import DiffusionPipeline
+
+if TYPE_CHECKING:  # the engine runs pipelines; it does not import them
+    from cfgpar.pipelines.base import DiffusionPipeline
 
 logger = logging.getLogger("cfgpar")
 

@@ -3,14 +3,16 @@
 `Engine(config)` is cheap; `start()` serves the rendezvous store, spawns one process per rank
 and waits until every rank has joined and loaded the model; `generate()` sends a request to
 every rank and returns rank 0's result; `close()` stops them all. A rank that raises or dies
-fails the request in flight within moments (its process sentinel fires) and stops the engine,
-which then refuses new work with the first failure's message.
+fails the request in flight within moments (its process sentinel fires), and one that hangs
+within the watchdog's limits (engine/watchdog.py); either stops the engine, which then refuses
+new work with the first failure's message. Nothing here waits without a deadline.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import sys
 import time
 import multiprocessing as mp
@@ -23,10 +25,10 @@ from pathlib import Path
 import torch.distributed as dist
 
 from cfgpar.diffusion.data import DiffusionParallelConfig
-from cfgpar.distributed.mesh import RendezvousInfo, check_degrees, serve_rendezvous
-from cfgpar.engine.request import GenerationRequest, GenerationResult
+from cfgpar.distributed.mesh import RendezvousInfo, serve_rendezvous
+from cfgpar.engine.request import GenerationRequest, GenerationResult, RequestError
+from cfgpar.engine.watchdog import Board, WatchdogConfig, find_hung
 from cfgpar.engine.worker import WorkerSpec, worker_main
-from cfgpar.pipelines.base import RequestError
 
 logger = logging.getLogger("cfgpar")
 
@@ -49,8 +51,21 @@ def main_module_hidden():
             del main.__spec__
 
 
+POLL_S = 0.25
+"""How often the engine looks at the watchdog's board while it waits for the ranks."""
+
+
 class EngineError(RuntimeError):
-    """A rank failed or the engine is not running; the engine cannot serve any more requests."""
+    """A rank failed or the engine is not running; the engine cannot serve any more requests.
+
+    str() is the whole report (each rank's part, tracebacks included); `headline` is its first
+    sentence, for a client; `cause` is "died", "hung", "crashed", "stopped" (asked to: close(),
+    interrupt(), Ctrl-C) or "unavailable" (not started, or stopped earlier)."""
+
+    def __init__(self, report: str, cause: str = "unavailable"):
+        super().__init__(report)
+        self.cause = cause
+        self.headline = report.strip().splitlines()[0].rstrip(":") if report.strip() else cause
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -73,9 +88,12 @@ class EngineConfig:
     """Show a per-step progress bar from rank 0."""
     start_timeout_s: float = 1800.0
     """Longest wait for every rank to join and load the model."""
+    watchdog: WatchdogConfig = WatchdogConfig()
+    """When a silent rank counts as hung (heartbeat and progress deadlines)."""
+    stop_grace_s: float = 2.0
+    """How long stopping ranks may take to exit by themselves before they are killed (SIGKILL)."""
 
     def __post_init__(self):
-        check_degrees(self.parallel.degrees, self.parallel.world_size)
         if self.threads_per_rank < 1:
             raise ValueError(f"threads_per_rank must be >= 1, got {self.threads_per_rank}.")
         if self.device not in ("cpu", "cuda"):
@@ -87,11 +105,17 @@ class Engine:
         self.config = config
         self._procs: list[mp.process.BaseProcess] = []
         self._conns: list = []
+        self._board: Board | None = None
         self._store: dist.TCPStore | None = None
-        self._failure: str | None = None
+        self._failure: EngineError | None = None
+        self._stop_asked = False
         self._lock = threading.Lock()
         self.model_info: dict = {}
         """What rank 0 reported once loaded: task, max_branches, size_unit, default_size, device."""
+        self.startup: dict[str, float] = {}
+        """Seconds of each start-up stage: spawn (process start and imports of the rank's entry),
+        import_torch, join (rendezvous and groups), import_model_code, load (weights and
+        parallelize), each the slowest rank's; total_s is start() as the caller saw it."""
 
     @property
     def world_size(self) -> int:
@@ -109,16 +133,21 @@ class Engine:
         """Spawn the ranks and wait until each has joined the group and loaded the model."""
         if self._procs:
             raise EngineError("the engine is already started.")
+        began = time.perf_counter()
         self._store, rendezvous = serve_rendezvous(self.world_size)
         ctx = mp.get_context("spawn")
+        self._board = Board.create(ctx, self.world_size)
         with main_module_hidden():
             self._spawn(ctx, rendezvous)
         try:
-            replies = self._collect("starting", timeout=self.config.start_timeout_s)
+            replies = self._collect("starting", deadline=time.monotonic() + self.config.start_timeout_s)
         except EngineError:
             self.close()
             raise
-        self.model_info = {k: v for k, v in replies[0][1].items() if k != "pid"}
+        self.model_info = {k: v for k, v in replies[0][1].items() if k not in ("pid", "startup")}
+        stages = [info["startup"] for _, info in replies]
+        self.startup = {stage: max(s[stage] for s in stages) for stage in stages[0]}
+        self.startup["total_s"] = time.perf_counter() - began
 
     def _spawn(self, ctx, rendezvous: RendezvousInfo) -> None:
         for rank in range(self.world_size):
@@ -128,7 +157,7 @@ class Engine:
                 vae_size=self.config.parallel.vae_patch_parallel_size,
                 model_folder=self.config.model_folder, pipeline=self.config.pipeline,
                 threads=self.config.threads_per_rank, device=self.config.device, dtype=self.config.dtype,
-                progress=self.config.progress,
+                progress=self.config.progress, board=self._board, spawned_at=time.time(),
             )
             proc = ctx.Process(target=worker_main, args=(spec, child), name=f"cfgpar-rank{rank}", daemon=True)
             proc.start()
@@ -139,72 +168,107 @@ class Engine:
     def generate(self, request: GenerationRequest,
                  on_progress: Callable[[int, int], None] | None = None) -> GenerationResult:
         """Run one request on every rank; rank 0's result. Raises RequestError for a request the
-        pipeline refuses (the engine goes on) and EngineError when a rank fails (the engine stops).
-        `on_progress(steps done, steps)` is called (on this thread) as rank 0 reports its steps."""
+        pipeline refuses (the engine goes on) and EngineError when a rank fails or hangs (the
+        engine stops). `on_progress(steps done, steps)` is called (on this thread) as rank 0
+        reports its steps. KeyboardInterrupt stops the ranks between steps (killed after
+        stop_grace_s) and propagates."""
         with self._lock:
-            if self._failure is not None:
-                raise EngineError(f"the engine has stopped and takes no new work: {self._failure}")
-            if not self._procs:
-                raise EngineError("the engine is not started (or already closed).")
+            self._check_locked()
             for rank, conn in enumerate(self._conns):
                 try:
                     conn.send(("generate", request))
                 except (BrokenPipeError, OSError):
-                    self._fail(f"rank {rank} is gone (exit code {self._procs[rank].exitcode}).")
-            replies = self._collect(f"request {request.request_id}", on_progress=on_progress)
+                    self._fail(f"rank {rank} is gone (exit code {self._procs[rank].exitcode}).", "died")
+            try:
+                replies = self._collect(f"request {request.request_id}", on_progress=on_progress)
+            except KeyboardInterrupt:
+                self._stop_asked = True
+                self._failure = self._failure or EngineError("interrupted (Ctrl-C).", "stopped")
+                self._stop_processes(ask=True)
+                raise
         kinds = {kind for kind, _ in replies}
         if kinds == {"request_error"}:
             raise RequestError(replies[0][1])
         if kinds != {"ok"}:
-            self._fail(f"ranks disagreed on request {request.request_id}: {[k for k, _ in replies]}")
+            self._fail(f"ranks disagreed on request {request.request_id}: {[k for k, _ in replies]}", "crashed")
         result = replies[0][1][0]
         result.metrics.peak_memory_mb = [peak for _, (_, peak) in replies]
         return result
 
-    def _collect(self, what: str, timeout: float | None = None, on_progress=None) -> list[tuple]:
-        """One reply per rank, in rank order; any crash or death fails the engine at once."""
+    def check(self) -> None:
+        """Raise EngineError (and stop the ranks) if a rank has died or hung since the last
+        request; nothing if all are well. For a caller that watches an idle engine (the server).
+        Returns at once if a request is running on another thread (that thread watches)."""
+        if not self._lock.acquire(blocking=False):
+            return
+        try:
+            self._check_locked()
+        finally:
+            self._lock.release()
+
+    def _check_locked(self) -> None:
+        if self._failure is not None:
+            raise EngineError(f"the engine has stopped and takes no new work: {self._failure}", self._failure.cause)
+        if not self._procs:
+            raise EngineError("the engine is not started (or already closed).")
+        for rank in range(self.world_size):
+            self._receive(rank, "idle")
+        hung = find_hung(self._board, self.config.watchdog)
+        if hung:
+            self._fail(f"{hung} while idle.", "hung")
+
+    def _collect(self, what: str, deadline: float = math.inf, on_progress=None) -> list[tuple]:
+        """One reply per rank, in rank order; a crash, a death or a hang fails the engine at once."""
         replies: dict[int, tuple] = {}
+        sent_at = time.monotonic()
         while len(replies) < self.world_size:
             pending = [r for r in range(self.world_size) if r not in replies]
             waitables = {self._conns[r]: r for r in pending} | {self._procs[r].sentinel: r for r in pending}
-            ready = wait(list(waitables), timeout=timeout)
-            if not ready:
-                self._fail(f"no answer from ranks {pending} after {timeout:.0f} s while {what}.")
-            for obj in ready:
+            for obj in wait(list(waitables), timeout=POLL_S):
                 rank = waitables[obj]
                 if rank in replies:
                     continue
-                message = self._receive(rank)
+                message = self._receive(rank, what)
                 if message is None:
                     continue
-                if message[0] == "crash":
-                    self._fail(self._failure_report({rank: f"rank {rank} failed while {what}:\n{message[1]}"}, what))
                 if message[0] == "progress":
                     if on_progress is not None:
                         on_progress(*message[1])
                     continue
                 replies[rank] = message
+            pending = [r for r in range(self.world_size) if r not in replies]
+            # While starting, only the heartbeats count: loading has no progress marks.
+            hung = pending and find_hung(self._board, self.config.watchdog,
+                                         pending if what != "starting" else [], since=sent_at)
+            if hung:
+                self._fail(f"{hung} while {what}; the engine stopped its ranks.", "hung")
+            if pending and time.monotonic() > deadline:
+                self._fail(f"no answer from ranks {pending} after {deadline - sent_at:.0f} s while {what}.", "hung")
         return [replies[r] for r in range(self.world_size)]
 
-    def _receive(self, rank: int):
-        """This rank's next message; None if nothing yet; fails the engine if the rank is dead."""
+    def _receive(self, rank: int, what: str):
+        """This rank's next message; None if nothing yet; fails the engine if the rank crashed,
+        stopped or died."""
         conn, proc = self._conns[rank], self._procs[rank]
         try:
-            if conn.poll():
-                return conn.recv()
+            message = conn.recv() if conn.poll() else None
         except (EOFError, OSError):
-            pass
-        if proc.is_alive():
-            return None
+            message = None
+        if message is not None and message[0] == "crash":
+            self._fail(self._failure_report({rank: f"rank {rank} failed while {what}:\n{message[1]}"}, what), "crashed")
+        if message is not None and message[0] == "stopped":
+            self._fail(f"rank {rank} stopped while {what}, as the engine asked.", "stopped")
+        if message is not None or proc.is_alive():
+            return message
         proc.join()
-        self._fail(self._failure_report({rank: f"rank {rank} died (exit code {proc.exitcode})."}, what="running"))
+        self._fail(self._failure_report({rank: f"rank {rank} died (exit code {proc.exitcode})."}, what), "died")
 
     def _failure_report(self, reports: dict[int, str], what: str, settle_s: float = 1.0) -> str:
         """Every rank's part in a failure, deaths first. A rank whose peer died fails inside the
         collective a moment later (connection reset); collecting for `settle_s` names the peer
         that died as well as the error that echoed it, whichever the engine saw first."""
         deadline = time.monotonic() + settle_s
-        while len(reports) < self.world_size and time.monotonic() < deadline:
+        while len(reports) < self.world_size and time.monotonic() < deadline and not self._stop_asked:
             for rank, (conn, proc) in enumerate(zip(self._conns, self._procs)):
                 if rank in reports:
                     continue
@@ -220,42 +284,76 @@ class Engine:
         deaths = [r for r in reports if "died" in reports[r].splitlines()[0]]
         return "\n".join(reports[r] for r in deaths + [r for r in sorted(reports) if r not in deaths])
 
-    def _fail(self, reason: str):
-        """Record the first failure, stop every rank, raise EngineError."""
+    def _fail(self, report: str, cause: str):
+        """Record the first failure, stop every rank, raise EngineError. A failure after the
+        engine was asked to stop is that stop, not an error."""
+        if self._stop_asked:
+            report, cause = "the engine was stopped, as asked, before the request finished.", "stopped"
         if self._failure is None:
-            self._failure = reason
-            logger.error("cfgpar engine stopping: %s", reason.splitlines()[0] if reason else reason)
-        self._stop_processes(graceful=False)
-        raise EngineError(reason)
+            self._failure = EngineError(report, cause)
+            if cause != "stopped":
+                logger.error("cfgpar engine stopping: %s", self._failure.headline)
+        self._stop_processes(ask=False)
+        raise EngineError(report, cause)
 
-    def close(self) -> None:
-        """Stop every rank (asking first) and release the rendezvous store. Idempotent."""
-        self._stop_processes(graceful=True)
-        self._store = None
-
-    def _stop_processes(self, *, graceful: bool) -> None:
-        if graceful:
-            for conn in self._conns:
-                try:
-                    conn.send(("shutdown", None))
-                except (BrokenPipeError, OSError):
-                    pass
-            for proc in self._procs:
-                proc.join(timeout=10)
-        for proc in self._procs:
-            if proc.is_alive():
-                proc.terminate()
-        for proc in self._procs:
-            proc.join(timeout=5)
+    def interrupt(self) -> None:
+        """Stop the ranks from any thread, a request in flight included: they leave it after their
+        current step and exit; after stop_grace_s the rest are killed. The request in flight (on
+        another thread) then raises EngineError with cause "stopped". The engine takes no new work."""
+        self._stop_asked = True
+        if self._board is not None:
+            self._board.ask_to_stop()
+        procs = list(self._procs)
+        _join_all(procs, self.config.stop_grace_s)
+        for proc in procs:
             if proc.is_alive():
                 proc.kill()
-                proc.join()
+
+    def close(self) -> None:
+        """Stop every rank (asking first, killing after stop_grace_s) and release the rendezvous
+        store. Idempotent; from another thread it first interrupts the request in flight."""
+        if not self._lock.acquire(timeout=0.5):
+            self.interrupt()
+            self._lock.acquire()
+        try:
+            self._stop_asked = True
+            self._stop_processes(ask=True)
+            self._store = None
+        finally:
+            self._lock.release()
+
+    def _stop_processes(self, *, ask: bool) -> None:
+        """Asked: the stop flag and a "shutdown" command (a busy rank leaves between steps);
+        else SIGTERM. Either way, SIGKILL to what is left after stop_grace_s: a stopped (SIGSTOP)
+        process holds SIGTERM until it is continued, SIGKILL it cannot hold."""
+        if self._board is not None:
+            self._board.ask_to_stop()
+        for conn, proc in zip(self._conns, self._procs):
+            try:
+                if ask:
+                    conn.send(("shutdown", None))
+                else:
+                    proc.terminate()
+            except (BrokenPipeError, OSError):
+                pass
+        _join_all(self._procs, self.config.stop_grace_s)
+        for proc in self._procs:
+            if proc.is_alive():
+                proc.kill()
+            proc.join()
         for conn in self._conns:
             conn.close()
         self._procs, self._conns = [], []
 
     def __del__(self):
         try:
-            self._stop_processes(graceful=False)
+            self._stop_processes(ask=False)
         except Exception:
             pass
+
+
+def _join_all(procs, timeout: float) -> None:
+    """Join every process within one shared deadline."""
+    deadline = time.monotonic() + timeout
+    for proc in procs:
+        proc.join(max(0.0, deadline - time.monotonic()))

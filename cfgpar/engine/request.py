@@ -9,6 +9,11 @@ from PIL import Image
 from cfgpar.inputs.data import OmniDiffusionSamplingParams
 
 
+class RequestError(ValueError):
+    """A request the pipeline cannot serve. Raised the same way on every rank, before any
+    collective, so the engine reports it and carries on."""
+
+
 @dataclass(frozen=True)
 class GenerationRequest:
     """One prompt's work, as sent (pickled) to every rank. `seed` is always set here."""

@@ -4,7 +4,9 @@ Control plane: (kind, payload) tuples over this rank's Pipe to the engine. Comma
 ("generate", GenerationRequest) and ("shutdown", None). Replies: ("ready", info),
 ("progress", (steps done, steps)) from rank 0 after each denoising step,
 ("ok", (GenerationResult | None, peak memory MiB)), ("request_error", message) for a bad request
-(the rank goes on), ("crash", traceback) for anything else (the rank exits; the engine stops the others).
+(the rank goes on), ("crash", traceback) for anything else (the rank exits; the engine stops the others),
+("stopped", None) when the engine's stop flag ended the request between two steps (the rank exits).
+Heartbeats and progress marks go on the shared board of engine/watchdog.py, not over the Pipe.
 Tensors between ranks go over torch.distributed only (the data plane), never over the Pipe.
 """
 
@@ -14,12 +16,14 @@ import logging
 import os
 import signal
 import sys
+import time
 import traceback
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
 
 from cfgpar.distributed.mesh import RendezvousInfo
+from cfgpar.engine.watchdog import Board, Heartbeat
 
 
 @dataclass(frozen=True)
@@ -36,19 +40,28 @@ class WorkerSpec:
     device: str
     dtype: str
     progress: bool
+    board: Board
+    """Where this rank beats, marks its progress and reads the stop flag (engine/watchdog.py)."""
+    spawned_at: float
+    """time.time() when the engine spawned this rank: the start-up report's first stage."""
+
+
+class StopRequested(Exception):
+    """The engine's stop flag is up: leave the request between two steps."""
 
 
 def worker_main(spec: WorkerSpec, conn: Connection) -> None:
     """Process entry point of one rank."""
     # Ctrl-C in a terminal reaches the whole process group; the engine decides when ranks stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    Heartbeat(spec.board, spec.rank)
     _setup_logging(spec.rank)
     try:
-        state = _start(spec)
+        state, startup = _start(spec)
     except BaseException:
         _send(conn, ("crash", traceback.format_exc()))
         return
-    facts = {"pid": os.getpid(), "device": str(state[1].device), "dtype": spec.dtype}
+    facts = {"pid": os.getpid(), "device": str(state[1].device), "dtype": spec.dtype, "startup": startup}
     _send(conn, ("ready", {**facts, **state[0].describe()}))
     try:
         _serve(spec, conn, *state)
@@ -59,6 +72,14 @@ def worker_main(spec: WorkerSpec, conn: Connection) -> None:
 
 
 def _start(spec: WorkerSpec):
+    """(pipeline, mesh) and the seconds each start-up stage took on this rank."""
+    startup = {"spawn_s": time.time() - spec.spawned_at}
+    clock = time.perf_counter()
+
+    def lap(stage: str) -> None:
+        nonlocal clock
+        startup[stage], clock = time.perf_counter() - clock, time.perf_counter()
+
     import torch
 
     from cfgpar.distributed.mesh import ParallelMesh, join
@@ -67,16 +88,20 @@ def _start(spec: WorkerSpec):
 
     torch.set_num_threads(spec.threads)
     _progress_bars_use_a_thread_lock()
+    lap("import_torch_s")
     device = torch.device(f"cuda:{spec.rank}" if spec.device == "cuda" else "cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if spec.rendezvous.world_size > 1:
         join(spec.rendezvous, spec.rank, device)
     mesh = ParallelMesh(spec.degrees, device, vae_size=spec.vae_size)
+    lap("join_s")
     pipeline_cls = import_pipeline(spec.pipeline)
+    lap("import_model_code_s")
     pipeline = pipeline_cls.from_pretrained(spec.model_folder, device=device, dtype=getattr(torch, spec.dtype))
     parallelize(pipeline, mesh)
-    return pipeline, mesh
+    lap("load_s")
+    return (pipeline, mesh), startup
 
 
 def _progress_bars_use_a_thread_lock() -> None:
@@ -93,7 +118,7 @@ def _progress_bars_use_a_thread_lock() -> None:
 
 def _serve(spec: WorkerSpec, conn: Connection, pipeline, mesh) -> None:
     from cfgpar.engine.denoise_loop import generate
-    from cfgpar.pipelines.base import RequestError
+    from cfgpar.engine.request import RequestError
 
     while True:
         try:
@@ -102,16 +127,34 @@ def _serve(spec: WorkerSpec, conn: Connection, pipeline, mesh) -> None:
             return
         if kind == "shutdown":
             return
-        on_step = (lambda done, total: _send(conn, ("progress", (done, total)))) if mesh.rank == 0 else None
+        spec.board.mark(spec.rank, first=True)
         try:
-            result = generate(pipeline, payload, mesh, progress=spec.progress, on_step=on_step)
+            result = generate(pipeline, payload, mesh, progress=spec.progress, on_step=_step_hook(spec, conn, mesh))
         except RequestError as exc:
             _send(conn, ("request_error", str(exc)))
             continue
+        except StopRequested:
+            _send(conn, ("stopped", None))
+            return
         except BaseException:
             _send(conn, ("crash", traceback.format_exc()))
             return
+        finally:
+            spec.board.mark(spec.rank)
         _send(conn, ("ok", (result, peak_memory_mb(mesh.device))))
+
+
+def _step_hook(spec: WorkerSpec, conn: Connection, mesh):
+    """After each denoising step: mark progress, report it (rank 0), leave if asked to stop."""
+
+    def on_step(done: int, total: int) -> None:
+        spec.board.mark(spec.rank)
+        if mesh.rank == 0:
+            _send(conn, ("progress", (done, total)))
+        if spec.board.stopping:
+            raise StopRequested
+
+    return on_step
 
 
 def peak_memory_mb(device) -> float:

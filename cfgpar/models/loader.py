@@ -2,18 +2,12 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 from pathlib import Path
 
-# model_index.json `_class_name` -> "module:Class" of the cfgpar pipeline serving it.
-PIPELINES = {
-    "QwenImagePipeline": "cfgpar.pipelines.qwen_image:QwenImagePipeline",
-    "QwenImageEditPipeline": "cfgpar.pipelines.qwen_image_edit:QwenImageEditPipeline",
-    "WanPipeline": "cfgpar.pipelines.wan:WanVideoPipeline",
-    "WanImageToVideoPipeline": "cfgpar.pipelines.wan:WanVideoPipeline",
-}
-BAGEL_PIPELINE = "cfgpar.pipelines.bagel:BagelPipeline"
+from cfgpar.models.registry import BAGEL, PIPELINES, import_pipeline  # noqa: F401  (import_pipeline: re-exported)
+
+BAGEL_PIPELINE = BAGEL.pipeline
 # A Bagel folder (ByteDance-Seed/BAGEL-7B-MoT) has no model_index.json: these files say what it is.
 BAGEL_FILES = ("llm_config.json", "vit_config.json", "ema.safetensors", "ae.safetensors")
 
@@ -101,11 +95,3 @@ def transformer_config(folder: Path) -> dict:
     """The model's transformer/config.json ({} where it has none)."""
     path = Path(folder) / "transformer" / "config.json"
     return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def import_pipeline(path: str):
-    module, _, attr = path.partition(":")
-    try:
-        return getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as exc:
-        raise ModelLoadError(f"cannot import pipeline {path!r}: {exc}") from None

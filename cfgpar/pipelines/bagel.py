@@ -32,6 +32,7 @@ from cfgpar.models.bagel.model import LATENT_PATCH, Bagel, SpecialTokens, load_b
 from cfgpar.models.bagel.schedule import DEFAULT_INTERVAL, DEFAULT_SHIFT, flow_times
 from cfgpar.models.bagel.vision import unpatchify
 from cfgpar.inputs.data import VIDEO_PARAMS
+from cfgpar.models.registry import BAGEL
 from cfgpar.pipelines.base import DiffusionPipeline, Plan, RequestError, refuse_params
 
 DEFAULT_IMAGE_SCALE = 1.5
@@ -72,12 +73,11 @@ def to_pixels(image: Image.Image, size: tuple[int, int]) -> torch.Tensor:
 
 
 class BagelPipeline(DiffusionPipeline):
-    max_branches = 3
+    facts = BAGEL.facts
     task = "text-to-image"
-    tasks = ("text-to-image", "edit")
+    tasks = BAGEL.facts.tasks
     default_steps = 50  # the official gen_image's num_timesteps
     needs_negative_prompt = False  # the official text-unconditional context has no text at all
-    sequence_parallel = False
 
     def __init__(self, *, model: Bagel, vae, tokenizer, device: torch.device, dtype: torch.dtype):
         self.model, self.autoencoder, self.tokenizer = model.eval(), vae.eval(), tokenizer

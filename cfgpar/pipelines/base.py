@@ -15,13 +15,9 @@ from typing import Any, ClassVar
 import torch
 from PIL import Image
 
-from cfgpar.engine.request import GenerationRequest
+from cfgpar.engine.request import GenerationRequest, RequestError  # noqa: F401  (RequestError: pipelines raise it)
 from cfgpar.guidance import Branch, Guidance
-
-
-class RequestError(ValueError):
-    """A request the pipeline cannot serve. Raised the same way on every rank, before any
-    collective, so the engine reports it and carries on."""
+from cfgpar.models.registry import PipelineFacts
 
 
 def refuse_params(request: GenerationRequest, names: tuple[str, ...], why: str) -> None:
@@ -55,8 +51,9 @@ class Plan:
 class DiffusionPipeline(ABC):
     """A model's side of generation; see the module docstring."""
 
-    max_branches: ClassVar[int] = 2
-    """Most guidance branches a request to this pipeline can have; bounds cfg_parallel_size."""
+    facts: ClassVar[PipelineFacts] = PipelineFacts()
+    """What the engine knows of this pipeline before the ranks start (models/registry.py holds
+    the registered families' facts, read there without importing the pipeline)."""
 
     task: str = "text-to-image"
     """"text-to-image", "edit" (the request must carry an input image), "text-to-video",
@@ -67,11 +64,14 @@ class DiffusionPipeline(ABC):
         """Every task the loaded model serves (Bagel: text-to-image and edit); `task` alone by default."""
         return (self.task,)
 
-    output_kind: ClassVar[str] = "image"
-    """"image": decode returns B PIL images; "video": B lists of PIL frames."""
+    @property
+    def max_branches(self) -> int:
+        return self.facts.max_branches
 
-    sequence_parallel: ClassVar[bool] = True
-    """Whether distributed/sequence_parallel.py can shard this model's tokens (ulysses, ring > 1)."""
+    @property
+    def output_kind(self) -> str:
+        """"image": decode returns B PIL images; "video": B lists of PIL frames."""
+        return self.facts.output_kind
 
     shards_tokens: ClassVar[bool] = True
     """Whether plan.latents are packed tokens [B, L, C] that the loop shards along L under

@@ -21,6 +21,7 @@ from cfgpar.guidance import Branch, Guidance, make_combine, norm_preserving_cfg,
 from cfgpar.models.image_vae import use_2d_convs_for_images
 from cfgpar.models.loader import model_options
 from cfgpar.inputs.data import BAGEL_PARAMS, VIDEO_PARAMS
+from cfgpar.models.registry import QWEN_IMAGE
 from cfgpar.pipelines.base import DiffusionPipeline, Plan, RequestError, refuse_params
 
 T2I_TEMPLATE = (
@@ -53,7 +54,7 @@ def unpack_latents(latents: torch.Tensor, h: int, w: int) -> torch.Tensor:
 
 
 class QwenImagePipeline(DiffusionPipeline):
-    max_branches = 2
+    facts = QWEN_IMAGE.facts
 
     def __init__(
         self, *, transformer, vae, text_encoder, tokenizer, scheduler, device: torch.device, dtype: torch.dtype,

@@ -18,6 +18,7 @@ from cfgpar.engine.request import GenerationRequest
 from cfgpar.guidance import Branch, Guidance, make_combine, norm_preserving_dual_cfg
 from cfgpar.models.loader import model_options
 from cfgpar.models.qwen_vl_processor import QwenVLProcessor
+from cfgpar.models.registry import QWEN_IMAGE_EDIT
 from cfgpar.pipelines.base import Plan, RequestError
 from cfgpar.pipelines.qwen_image import T2I_TEMPLATE, T2I_TEMPLATE_DROP, QwenImagePipeline, pack_latents
 
@@ -40,7 +41,7 @@ def condition_size(width: int, height: int, area: int = CONDITION_AREA) -> tuple
 
 
 class QwenImageEditPipeline(QwenImagePipeline):
-    max_branches = 3
+    facts = QWEN_IMAGE_EDIT.facts
     task = "edit"
 
     def __init__(self, *, processor: QwenVLProcessor, condition_area: int = CONDITION_AREA, **components):

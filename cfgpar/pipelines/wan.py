@@ -31,6 +31,7 @@ from cfgpar.engine.request import GenerationRequest
 from cfgpar.guidance import Branch, Guidance, cfg, make_combine, unguided
 from cfgpar.inputs.data import BAGEL_PARAMS, frame_count_error
 from cfgpar.models.loader import model_options
+from cfgpar.models.registry import WAN
 from cfgpar.pipelines.base import DiffusionPipeline, Plan, RequestError, refuse_params
 
 DEFAULT_SCALE = 5.0  # diffusers' WanPipeline / WanImageToVideoPipeline guidance_scale
@@ -46,8 +47,7 @@ def prompt_clean(text: str) -> str:
 
 
 class WanVideoPipeline(DiffusionPipeline):
-    max_branches = 2
-    output_kind = "video"
+    facts = WAN.facts
     shards_tokens = False
 
     def __init__(self, *, transformer, vae, text_encoder, tokenizer, scheduler, device, dtype, transformer_2=None,
