@@ -18,7 +18,7 @@ from cfgpar.distributed.sequence_parallel import check_ulysses_degree
 from cfgpar.engine.engine import Engine, EngineConfig
 from cfgpar.engine.request import GenerationRequest
 from cfgpar.engine.watchdog import WatchdogConfig
-from cfgpar.inputs.data import OmniDiffusionSamplingParams
+from cfgpar.inputs.data import OmniDiffusionSamplingParams, check_prompt_text
 from cfgpar.models.loader import pipeline_path, resolve_model, transformer_config
 from cfgpar.models.registry import facts_of
 from cfgpar.outputs import OmniRequestOutput
@@ -132,6 +132,11 @@ class Omni:
         """Process ids of the ranks, rank 0 first (empty once closed)."""
         return self.engine.pids
 
+    @property
+    def failure(self):
+        """The EngineError that stopped this Omni's ranks (its `headline`, its `cause`), or None."""
+        return self.engine.failure
+
     def check(self) -> None:
         """Raise EngineError if a rank has died or hung while the engine was idle."""
         self.engine.check()
@@ -187,8 +192,7 @@ def make_request(request_id: int, prompt: PromptType, params: OmniDiffusionSampl
     if unknown:
         raise ValueError(f"unknown prompt keys {sorted(unknown)}; allowed: prompt, negative_prompt, multi_modal_data.")
     text, negative = prompt.get("prompt"), prompt.get("negative_prompt")
-    if not isinstance(text, str):
-        raise ValueError(f"prompt['prompt'] must be a string, got {type(text).__name__}.")
+    check_prompt_text(text)
     if negative is not None and not isinstance(negative, str):
         raise ValueError(f"prompt['negative_prompt'] must be a string or None, got {type(negative).__name__}.")
     image = _image_of(prompt.get("multi_modal_data") or {})

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from cfgpar.bench.layout_model import (
     INTERCONNECTS,
+    QWEN_IMAGE,
     QWEN_IMAGE_EDIT,
     LayoutPrediction,
     ModelSpec,
@@ -29,6 +30,11 @@ from cfgpar.bench.video_model import (
     DEFAULT_SIZE,
     DEFAULT_STEPS,
     TEMPORAL,
+    WAN21_T2V_1_3B,
+    WAN21_T2V_14B,
+    WAN22_I2V_A14B,
+    WAN22_T2V_A14B,
+    WAN22_TI2V_5B,
     VideoModelSpec,
     WanShape,
     rank_video_layouts,
@@ -36,12 +42,15 @@ from cfgpar.bench.video_model import (
 )
 from cfgpar.cli_common import CliError
 from cfgpar.diffusion.data import MAX_DEGREE
-from cfgpar.models.loader import ModelLoadError, resolve_model
+from cfgpar.models.loader import ModelLoadError, fetch_from_hub, resolve_model
 
 TASKS = {"QwenImageEditPipeline": "edit", "QwenImagePipeline": "text-to-image"}
 """model_index.json `_class_name` -> the task `cfgpar plan` predicts for."""
 VIDEO_TASKS = {"WanPipeline": "text-to-video", "WanImageToVideoPipeline": "image-to-video"}
 """The same for Wan (WanPipeline with expand_timesteps, TI2V-5B: "text-image-to-video")."""
+KNOWN_MODELS = {spec.name: spec for spec in (QWEN_IMAGE_EDIT, QWEN_IMAGE, WAN21_T2V_1_3B, WAN21_T2V_14B,
+                                             WAN22_T2V_A14B, WAN22_I2V_A14B, WAN22_TI2V_5B)}
+"""Hub ids whose published configs cfgpar carries: planned offline, at once."""
 
 
 def add_plan_args(p: argparse.ArgumentParser) -> None:
@@ -167,7 +176,9 @@ def load_model(name: str | None) -> ModelSpec:
     elif path.exists() or name.count("/") != 1:
         raise ModelLoadError(f"model {name!r} is neither a model folder nor a hub repo id like 'Qwen/Qwen-Image-Edit'.")
     else:
-        index, config = (_read_json(_hub_file(name, f)) for f in ("model_index.json", "transformer/config.json"))
+        if name in KNOWN_MODELS:  # their published configs ship with cfgpar: no hub needed
+            return KNOWN_MODELS[name]
+        index, config = (_read_json(fetch_from_hub(name, f)) for f in ("model_index.json", "transformer/config.json"))
     return model_spec(name, index, config)
 
 
@@ -207,16 +218,6 @@ def _read_json(path: Path) -> dict:
         return json.loads(Path(path).read_text())
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot read {path} as JSON ({exc}).") from None
-
-
-def _hub_file(repo_id: str, filename: str) -> Path:
-    from huggingface_hub import hf_hub_download
-
-    try:
-        return Path(hf_hub_download(repo_id, filename))
-    except Exception as exc:  # noqa: BLE001  offline, unknown repo, gated, missing file: all mean "cannot get it"
-        raise ModelLoadError(f"could not fetch {filename} of {repo_id!r} from the Hugging Face Hub "
-                             f"({type(exc).__name__}); pass a local model folder instead.") from None
 
 
 # ---- output ----------------------------------------------------------------------------------

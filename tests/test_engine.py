@@ -68,8 +68,11 @@ def test_omitted_seed_is_shared_by_all_ranks(toy_model):
 
 def test_request_error_keeps_engine_running(toy_model):
     with Omni(toy_model, DiffusionParallelConfig(cfg_parallel_size=2), threads_per_rank=1, progress_bar=False) as omni:
-        with pytest.raises(RequestError, match="non-empty prompt"):
-            omni.generate({"prompt": ""}, OmniDiffusionSamplingParams(num_inference_steps=2, seed=1))
+        with pytest.raises(RequestError, match="refuses prompts"):
+            omni.generate({"prompt": "refuse: x"}, OmniDiffusionSamplingParams(num_inference_steps=2, seed=1))
+        # the one prompt rule (the CLI's and the server's too) refuses before any rank works
+        with pytest.raises(ValueError, match="prompt must not be empty"):
+            omni.generate({"prompt": "  "}, OmniDiffusionSamplingParams(num_inference_steps=2, seed=1))
         (out,) = omni.generate(PROMPT, OmniDiffusionSamplingParams(num_inference_steps=2, seed=1))
         assert len(out.images) == 1
 

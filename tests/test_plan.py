@@ -4,6 +4,7 @@ import json
 import math
 import shlex
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from cfgpar import cli
 from cfgpar.bench import cost_model
 from cfgpar.bench import layout_model as lm
 from cfgpar.bench import video_model as vm
+from cfgpar.plan import KNOWN_MODELS
 
 ASSETS = Path(cfgpar.__file__).parent / "assets"
 NVLINK, PCIE = lm.INTERCONNECTS["nvlink"], lm.INTERCONNECTS["pcie"]
@@ -304,7 +306,7 @@ def test_plan_of_a_wan_hub_id_reads_only_its_two_config_files(capsys, tmp_path, 
         return str(folder / filename)
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
-    repo = "Wan-AI/Wan2.2-T2V-A14B-Diffusers"
+    repo = "someone/wan-finetune-Diffusers"  # not one whose config cfgpar carries
     rc, out, _ = plan(capsys, "--model", repo, "--gpus", 4, "--size", "1280x720", "--frames", 81, "--steps", 40)
     assert rc == 0 and f"--model {repo}" in out.splitlines()[-1]
     assert asked == [(repo, "model_index.json"), (repo, "transformer/config.json")]
@@ -336,3 +338,29 @@ def test_plan_of_a_wan_folder_says_what_was_wrong(capsys, tmp_path, args, says):
 def test_frames_are_for_video_models(capsys):
     rc, _, err = plan(capsys, "--gpus", 2, "--frames", 81)
     assert rc == 2 and "--frames is for video models" in err
+
+
+@pytest.mark.parametrize("repo", sorted(KNOWN_MODELS))
+def test_known_hub_ids_plan_offline_at_once(capsys, monkeypatch, repo):
+    """The README's plan commands name hub ids whose configs cfgpar carries: no hub is asked."""
+    import huggingface_hub
+
+    def no_download(*args, **kwargs):
+        raise AssertionError(f"asked the hub for {args}")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_download)
+    rc, out, err = plan(capsys, "--gpus", 4, "--model", repo)
+    assert rc == 0 and f"--model {repo}" in out.splitlines()[-1] and err == ""
+
+
+def test_unknown_hub_id_offline_is_one_sentence_at_once(capsys, monkeypatch):
+    """Offline, an id cfgpar does not carry gets one line at once, not huggingface_hub's retries
+    (about 25 s of "Retrying in 8s" lines, twice). test_plan_fetches_only_the_two_config_files_of_a_hub_id
+    is the control: there the same path reaches the (faked) hub."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    start = time.monotonic()
+    rc, out, err = plan(capsys, "--gpus", 4, "--model", "someone/not-cached-anywhere")
+    assert rc == 2 and time.monotonic() - start < 5
+    assert err.count("\n") == 1 and "cannot be reached from here and it is not in the local cache" in err, err

@@ -1,6 +1,7 @@
 """A small pure-torch pipeline for engine tests: two or three guidance branches, real loop,
 real collectives, no model downloads. Prompts starting with "fail:" / "exit:" make rank 1
-raise / die at step 2; "slow:" sleeps in every step (to kill a rank mid-request)."""
+raise / die at step 2; "slow:" sleeps in every step (to kill a rank mid-request); "refuse:" is a
+request the pipeline refuses (RequestError on every rank)."""
 
 from __future__ import annotations
 
@@ -48,8 +49,8 @@ class ToyPipeline(DiffusionPipeline):
 
     def guidance(self, request):
         p = request.params
-        if request.prompt == "":
-            raise RequestError("the toy pipeline needs a non-empty prompt.")
+        if request.prompt.startswith("refuse:"):
+            raise RequestError("the toy pipeline refuses prompts starting with 'refuse:'.")
         pos = Branch("positive", request.prompt)
         if p.true_cfg_scale <= 1 or request.negative_prompt is None:
             return Guidance((pos,), unguided)

@@ -58,14 +58,15 @@ POLL_S = 0.25
 class EngineError(RuntimeError):
     """A rank failed or the engine is not running; the engine cannot serve any more requests.
 
-    str() is the whole report (each rank's part, tracebacks included); `headline` is its first
-    sentence, for a client; `cause` is "died", "hung", "crashed", "stopped" (asked to: close(),
+    str() is the whole report (each rank's part, tracebacks included); `headline` is one
+    sentence for a client, without the tracebacks; `cause` is "died", "hung", "crashed", "stopped" (asked to: close(),
     interrupt(), Ctrl-C) or "unavailable" (not started, or stopped earlier)."""
 
-    def __init__(self, report: str, cause: str = "unavailable"):
+    def __init__(self, report: str, cause: str = "unavailable", headline: str | None = None):
         super().__init__(report)
         self.cause = cause
-        self.headline = report.strip().splitlines()[0].rstrip(":") if report.strip() else cause
+        first = report.strip().splitlines()[0] if report.strip() else cause
+        self.headline = (headline or first).rstrip(":.")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -126,6 +127,11 @@ class Engine:
         return bool(self._procs) and self._failure is None
 
     @property
+    def failure(self) -> EngineError | None:
+        """The failure that stopped the engine, if one has."""
+        return self._failure
+
+    @property
     def pids(self) -> list[int]:
         return [p.pid for p in self._procs]
 
@@ -180,7 +186,7 @@ class Engine:
                 except (BrokenPipeError, OSError):
                     self._fail(f"rank {rank} is gone (exit code {self._procs[rank].exitcode}).", "died")
             try:
-                replies = self._collect(f"request {request.request_id}", on_progress=on_progress)
+                replies = self._collect(f"running request {request.request_id}", on_progress=on_progress)
             except KeyboardInterrupt:
                 self._stop_asked = True
                 self._failure = self._failure or EngineError("interrupted (Ctrl-C).", "stopped")
@@ -215,7 +221,7 @@ class Engine:
             self._receive(rank, "idle")
         hung = find_hung(self._board, self.config.watchdog)
         if hung:
-            self._fail(f"{hung} while idle.", "hung")
+            self._fail(f"{hung}, while idle; the engine stopped its ranks.", "hung", headline=hung)
 
     def _collect(self, what: str, deadline: float = math.inf, on_progress=None) -> list[tuple]:
         """One reply per rank, in rank order; a crash, a death or a hang fails the engine at once."""
@@ -241,7 +247,7 @@ class Engine:
             hung = pending and find_hung(self._board, self.config.watchdog,
                                          pending if what != "starting" else [], since=sent_at)
             if hung:
-                self._fail(f"{hung} while {what}; the engine stopped its ranks.", "hung")
+                self._fail(f"{hung}, while {what}; the engine stopped its ranks.", "hung", headline=hung)
             if pending and time.monotonic() > deadline:
                 self._fail(f"no answer from ranks {pending} after {deadline - sent_at:.0f} s while {what}.", "hung")
         return [replies[r] for r in range(self.world_size)]
@@ -255,7 +261,7 @@ class Engine:
         except (EOFError, OSError):
             message = None
         if message is not None and message[0] == "crash":
-            self._fail(self._failure_report({rank: f"rank {rank} failed while {what}:\n{message[1]}"}, what), "crashed")
+            self._fail(self._failure_report({rank: _crash_report(rank, what, message[1])}, what), "crashed")
         if message is not None and message[0] == "stopped":
             self._fail(f"rank {rank} stopped while {what}, as the engine asked.", "stopped")
         if message is not None or proc.is_alive():
@@ -277,24 +283,25 @@ class Engine:
                 except (EOFError, OSError):
                     message = None
                 if message is not None and message[0] == "crash":
-                    reports[rank] = f"rank {rank} failed while {what}:\n{message[1]}"
+                    reports[rank] = _crash_report(rank, what, message[1])
                 elif not proc.is_alive():
                     reports[rank] = f"rank {rank} died (exit code {proc.exitcode})."
             time.sleep(0.05)
         deaths = [r for r in reports if "died" in reports[r].splitlines()[0]]
         return "\n".join(reports[r] for r in deaths + [r for r in sorted(reports) if r not in deaths])
 
-    def _fail(self, report: str, cause: str):
+    def _fail(self, report: str, cause: str, headline: str | None = None):
         """Record the first failure, stop every rank, raise EngineError. A failure after the
         engine was asked to stop is that stop, not an error."""
         if self._stop_asked:
-            report, cause = "the engine was stopped, as asked, before the request finished.", "stopped"
+            report, cause, headline = "the engine was stopped, as asked, before the request finished.", "stopped", None
+        error = EngineError(report, cause, headline)
         if self._failure is None:
-            self._failure = EngineError(report, cause)
+            self._failure = error
             if cause != "stopped":
-                logger.error("cfgpar engine stopping: %s", self._failure.headline)
+                logger.error("cfgpar engine stopping: %s", report.splitlines()[0])
         self._stop_processes(ask=False)
-        raise EngineError(report, cause)
+        raise error
 
     def interrupt(self) -> None:
         """Stop the ranks from any thread, a request in flight included: they leave it after their
@@ -350,6 +357,14 @@ class Engine:
             self._stop_processes(ask=False)
         except Exception:
             pass
+
+
+def _crash_report(rank: int, what: str, traceback_text: str) -> str:
+    """A headline naming the rank and the exception's type (never its text: a collective's
+    error text is a library's internals), then the rank's traceback."""
+    last = traceback_text.strip().splitlines()[-1] if traceback_text.strip() else ""
+    kind = last.split(":", 1)[0].rpartition(".")[2] or "an error"
+    return f"rank {rank} failed while {what} ({kind}):\n{traceback_text}"
 
 
 def _join_all(procs, timeout: float) -> None:

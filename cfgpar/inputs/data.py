@@ -12,6 +12,18 @@ MAX_SEQUENCE_LENGTH = 1024
 MAX_SEED = 2**63 - 1
 MAX_FRAMES = 1025
 MAX_FPS = 120
+MAX_PROMPT_CHARS = 10_000
+
+
+def check_prompt_text(prompt) -> None:
+    """The one rule for a prompt, wherever it comes from (Omni.generate, the CLI, the server):
+    a string with something besides spaces, of at most MAX_PROMPT_CHARS characters."""
+    if not isinstance(prompt, str):
+        raise ValueError(f"prompt must be a string, got {type(prompt).__name__}.")
+    if not prompt.strip():
+        raise ValueError("prompt must not be empty: say what to generate, or how to edit.")
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise ValueError(f"prompt is {len(prompt)} characters; at most {MAX_PROMPT_CHARS}.")
 
 
 def _check_int(name: str, value, low: int, high: int, *, optional: bool = False) -> None:

@@ -30,11 +30,56 @@ def resolve_model(name: str | Path) -> Path:
                 "diffusers repo (model_index.json plus one subfolder per component)."
             )
         return path.resolve()
+    if looks_like_path(str(name)):
+        raise ModelLoadError(f"model folder {str(name)!r}: no such folder.")
     if path.exists() or str(name).count("/") != 1:
         raise ModelLoadError(
             f"model {str(name)!r} is neither a model folder nor a hub repo id like 'Qwen/Qwen-Image-Edit'."
         )
-    return _download(str(name))
+    folder = fetch_from_hub(str(name))
+    if is_bagel(folder):
+        _check_bagel(folder)
+    return folder
+
+
+def looks_like_path(name: str) -> bool:
+    """A name a user meant as a folder, never as a hub id ("owner/repo")."""
+    return name.startswith(("/", "./", "../", "~")) or name in (".", "..") or name.count("/") > 1
+
+
+def fetch_from_hub(repo_id: str, filename: str | None = None) -> Path:
+    """A hub repo's folder (filename None: the whole snapshot) or one of its files, fetched with
+    huggingface_hub. Where the hub cannot be reached, the local cache alone is asked, at once,
+    rather than after huggingface_hub's retries (about 25 s offline)."""
+    from huggingface_hub import hf_hub_download, snapshot_download
+
+    offline = not hub_reachable()
+    try:
+        if filename is None:
+            return Path(snapshot_download(repo_id, local_files_only=offline))
+        return Path(hf_hub_download(repo_id, filename, local_files_only=offline))
+    except Exception as exc:  # offline, unknown repo, gated, missing file: all mean "cannot get it"
+        what = f"{filename} of {repo_id!r}" if filename else f"model {repo_id!r}"
+        why = ("the Hugging Face Hub cannot be reached from here and it is not in the local cache" if offline
+               else f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'no detail'}")
+        raise ModelLoadError(f"could not fetch {what} ({why}); pass a local folder with the same layout "
+                             "instead.") from None
+
+
+def hub_reachable() -> bool:
+    """False when HF_HUB_OFFLINE is set or the hub's host name does not resolve."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    try:
+        socket.getaddrinfo(urlparse(constants.ENDPOINT).hostname, 443)
+    except (OSError, UnicodeError):
+        return False
+    return True
 
 
 def is_bagel(folder: Path) -> bool:
@@ -47,21 +92,6 @@ def _check_bagel(folder: Path) -> None:
     if missing:
         raise ModelLoadError(f"Bagel folder {str(folder)!r} lacks {', '.join(missing)}; a BAGEL-7B-MoT folder holds "
                              f"{', '.join(BAGEL_FILES)} and the Qwen2 tokenizer files.")
-
-
-def _download(repo_id: str) -> Path:
-    from huggingface_hub import snapshot_download
-
-    try:
-        folder = Path(snapshot_download(repo_id))
-    except Exception as exc:  # offline, unknown repo, gated, ...: all mean "cannot get it"
-        raise ModelLoadError(
-            f"could not fetch model {repo_id!r} from the Hugging Face Hub ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}); pass a local folder with the same layout instead."
-        ) from None
-    if is_bagel(folder):
-        _check_bagel(folder)
-    return folder
 
 
 def pipeline_path(folder: Path) -> str:

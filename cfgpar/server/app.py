@@ -12,7 +12,6 @@ import asyncio
 import base64
 import hmac
 import io
-import json
 import threading
 import time
 from contextlib import asynccontextmanager
@@ -34,7 +33,7 @@ from starlette.requests import ClientDisconnect
 from cfgpar.inputs.data import OmniDiffusionSamplingParams
 from cfgpar.server.errors import ServeError, error_body
 from cfgpar.server.metrics import CONTENT_TYPE_LATEST, Metrics
-from cfgpar.server.validation import check_prompt, decode_image, parse_size, validation_message
+from cfgpar.server.validation import check_prompt, decode_image, parse_json_object, parse_size, validation_message
 from cfgpar.server.video_store import VideoStore
 from cfgpar.server.videos import add_video_routes
 from cfgpar.server.worker import READY, EngineWorker, Job
@@ -253,14 +252,7 @@ def create_app(config: ServerConfig, worker: EngineWorker, metrics: Metrics) -> 
     @app.post("/v1/images/generations", openapi_extra=generations_schema)
     async def generations(request: Request):
         """Text to image (OpenAI: images.generate). JSON body; see ImageParams."""
-        raw = await request.body()
-        try:
-            data = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ServeError(400, f"the request body is not valid JSON ({exc}).") from None
-        if not isinstance(data, dict):
-            raise ServeError(400, f"the request body must be a JSON object, got {type(data).__name__}.")
-        params = _validate(data)
+        params = _validate(parse_json_object(await request.body()))
         info = model_info(params, "text-to-image")
         prompt, sampling_params, fmt = sampling(params, info)
         return await run(request, prompt, sampling_params, fmt)

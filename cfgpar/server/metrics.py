@@ -16,6 +16,7 @@ from prometheus_client import (
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 STAGES = ("queue_wait", "encode", "denoise", "allgather", "decode", "generate", "mp4_encode")
 VIDEO_STATUSES = ("queued", "in_progress", "completed", "failed")
+ENGINE_FAILURES = ("died", "hung", "crashed")
 
 
 class Metrics:
@@ -32,6 +33,9 @@ class Metrics:
         self.busy = Gauge("cfgpar_engine_busy", "1 while the engine runs a request.", registry=r)
         self.engine_up = Gauge("cfgpar_engine_up", "1 while the ranks are up and taking requests.", registry=r)
         self.restarts = Counter("cfgpar_engine_restarts", "Engine restarts after a rank failed.", registry=r)
+        self.engine_failures = Counter("cfgpar_engine_failures", "Rank failures that stopped the engine, by cause: "
+                                       "died (the process ended), hung (silent past the watchdog's limits), "
+                                       "crashed (raised).", ["cause"], registry=r)
         self.stage = Histogram("cfgpar_stage_seconds", "Seconds per stage of each generated request "
                                "(allgather is part of denoise; generate is the engine's whole call; "
                                "mp4_encode: a video's H.264 encoding, after generate).",
@@ -46,6 +50,8 @@ class Metrics:
                                ["reason"], registry=r)
         for stage in STAGES:  # export every series from the start, at 0
             self.stage.labels(stage)
+        for cause in ENGINE_FAILURES:
+            self.engine_failures.labels(cause)
 
     def observe_request(self, endpoint: str, method: str, status: int, seconds: float) -> None:
         self.requests.labels(endpoint, method, str(status)).inc()

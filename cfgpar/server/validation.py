@@ -4,20 +4,35 @@ errors in one line. Each raises ServeError (a 4xx in OpenAI's shape) naming what
 from __future__ import annotations
 
 import io
+import json
 import re
 
 from PIL import Image, UnidentifiedImageError
 
+from cfgpar.inputs.data import check_prompt_text
 from cfgpar.server.errors import ServeError
-
-MAX_PROMPT_CHARS = 10_000
 
 
 def check_prompt(prompt: str) -> None:
-    if not prompt.strip():
-        raise ServeError(400, "prompt must not be empty.", param="prompt")
-    if len(prompt) > MAX_PROMPT_CHARS:
-        raise ServeError(400, f"prompt is {len(prompt)} characters; at most {MAX_PROMPT_CHARS}.", param="prompt")
+    """The one prompt rule (inputs/data.py: the CLI and the offline API apply it too), as a 400."""
+    try:
+        check_prompt_text(prompt)
+    except ValueError as exc:
+        raise ServeError(400, str(exc), param="prompt") from None
+
+
+def parse_json_object(raw: bytes) -> dict:
+    """A request body that must be one JSON object. Nesting too deep for the parser is the
+    client's mistake like any other malformed body."""
+    try:
+        data = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ServeError(400, f"the request body is not valid JSON ({exc}).") from None
+    except RecursionError:
+        raise ServeError(400, "the request body is nested too deeply to be read as JSON.") from None
+    if not isinstance(data, dict):
+        raise ServeError(400, f"the request body must be a JSON object, got {type(data).__name__}.")
+    return data
 
 
 def validation_message(errors) -> tuple[str, str | None]:
@@ -50,14 +65,15 @@ def parse_size(size: str | None, unit: int, max_pixels: int) -> tuple[int | None
 
 
 def check_size(width: int, height: int, unit: int, max_pixels: int, *, param: str) -> None:
-    """Both sides multiples of the model's unit, and at most `max_pixels` in all."""
+    """At most `max_pixels` in all (checked first, so that a suggested size is never over it),
+    and both sides multiples of the model's unit."""
+    if width * height > max_pixels:
+        raise ServeError(400, f"size {width}x{height} is {width * height} pixels, over this server's limit of "
+                         f"{max_pixels}.", param=param)
     if width < unit or height < unit or width % unit or height % unit:
         example = f"{max(unit, width // unit * unit)}x{max(unit, height // unit * unit)}"
         raise ServeError(400, f"size {width}x{height}: width and height must be multiples of {unit} px for this "
                          f"model, e.g. {example}.", param=param)
-    if width * height > max_pixels:
-        raise ServeError(400, f"size {width}x{height} is {width * height} pixels, over this server's limit of "
-                         f"{max_pixels}.", param=param)
 
 
 def decode_image(data: bytes, max_pixels: int, param: str = "image") -> Image.Image:

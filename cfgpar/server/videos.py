@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import json
 import math
 from typing import TYPE_CHECKING, Any
 
@@ -29,7 +28,8 @@ from starlette.formparsers import MultiPartException
 
 from cfgpar.inputs.data import MAX_FPS, OmniDiffusionSamplingParams, allowed_frames, frame_count_error
 from cfgpar.server.errors import ServeError
-from cfgpar.server.validation import check_prompt, check_size, decode_image, parse_size, validation_message
+from cfgpar.server.validation import (check_prompt, check_size, decode_image, parse_json_object, parse_size,
+                                      validation_message)
 from cfgpar.server.video_store import VideoRecord, VideoStore, new_video_id
 from cfgpar.server.worker import EngineWorker, Job
 
@@ -164,13 +164,7 @@ async def _read_request(request: Request) -> tuple[dict[str, Any], bytes | None]
         return await _read_form(request)
     if ctype and not ctype.startswith("application/json"):
         raise ServeError(400, f"send multipart/form-data (as OpenAI's client does) or JSON, not {ctype!r}.")
-    try:
-        data = json.loads(await request.body())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ServeError(400, f"the request body is not valid JSON ({exc}).") from None
-    if not isinstance(data, dict):
-        raise ServeError(400, f"the request body must be a JSON object, got {type(data).__name__}.")
-    return data, None
+    return parse_json_object(await request.body()), None
 
 
 async def _read_form(request: Request) -> tuple[dict[str, Any], bytes | None]:

@@ -8,15 +8,17 @@ Invariants:
   lock, so a cancelled job never starts and a started one is never cancelled (it runs to its
   end; its caller may have stopped waiting). Before starting a job the engine thread checks
   that its client is still there and its time is not up: a dropped request costs no generation.
-- A rank that dies fails the job in flight (EngineError -> 500); the queued jobs stay queued
-  while the engine thread closes the Omni and builds a new one, then run on the new ranks.
-  If the new ranks cannot be started, the server says so (state "failed") and fails the queue.
+- A rank that dies or hangs fails the job in flight (EngineError -> 500, one sentence naming the
+  rank; the detail goes to the log); the queued jobs stay queued while the engine thread closes
+  the Omni and builds a new one, then run on the new ranks. While idle, the engine thread asks
+  the Omni every second whether a rank died or hung (Omni.check). /health answers 503 from the
+  moment a failure is seen until the new ranks are ready. If they cannot be started, the server
+  says so (state "failed") and fails the queue.
 """
 
 from __future__ import annotations
 
 import logging
-import multiprocessing as mp
 import threading
 import time
 from collections import deque
@@ -142,7 +144,7 @@ class EngineWorker:
     @property
     def rank_pids(self) -> list[int]:
         omni = self._omni
-        return list(omni.engine.pids) if omni is not None else []
+        return list(omni.rank_pids) if omni is not None else []
 
     def submit(self, job: Job) -> None:
         """Queue a job, or raise ServeError: 429 when the queue is full, 503 when nothing will run it.
@@ -175,15 +177,17 @@ class EngineWorker:
         self.queue.wake()
 
     def close(self, grace_s: float = 0.0) -> None:
-        """Shut down: give the generation in flight (or the ranks' start) up to `grace_s`, then kill
-        the ranks so that the engine thread returns at once; wait for it to close the Omni. Idempotent."""
+        """Shut down: give the generation in flight (or the ranks' start) up to `grace_s`, then stop
+        the ranks (Omni.interrupt: between two steps, killed after a short grace) so that the engine
+        thread returns at once; wait for it to close the Omni. Idempotent."""
         self.begin_shutdown()
         deadline = time.monotonic() + grace_s
         while self._thread.is_alive():
             self._thread.join(0.1)
-            if self._busy and time.monotonic() > deadline:
+            omni = self._omni
+            if self._busy and omni is not None and time.monotonic() > deadline:
                 logger.warning("cfgpar serve: stopping the ranks in the middle of their work")
-                _kill_ranks()
+                omni.interrupt()
                 self._thread.join(60)
                 return
 
@@ -212,13 +216,15 @@ class EngineWorker:
         while not self._stopping.is_set():
             job = self.queue.take(timeout=1.0)
             if job is None:
-                dead = self._dead_ranks()
-                if dead and not self._stopping.is_set() and not self._restart(f"rank pid(s) {dead} died while idle"):
-                    return
+                try:
+                    self._omni.check()
+                except EngineError as exc:
+                    if not self._stopping.is_set() and not self._restart(self._failed(exc)):
+                        return
                 continue
             self._run(job)
-            failed = not self._omni.engine.running and not self._stopping.is_set()
-            if failed and not self._restart("a rank failed during the last request"):
+            failed = self._omni.failure is not None and not self._stopping.is_set()
+            if failed and not self._restart(self._omni.failure.headline):
                 return
 
     def _run(self, job: Job) -> None:
@@ -243,11 +249,10 @@ class EngineWorker:
                     503, "the server is shutting down; the request was stopped before it finished.", code="shutdown"))
             else:
                 # /health must say so before this job's client hears of the failure.
-                self.state, self.detail = RESTARTING, f"restarting the ranks: {_summary(exc)}"
-                self.metrics.engine_up.set(0)
+                self._failed(exc)
                 job.future.set_exception(ServeError(
-                    500, f"the engine failed during this request ({_summary(exc)}); the server is restarting it, "
-                    "retry shortly.", code="engine_failed"))
+                    500, f"{exc.headline} during this request; the server is restarting its ranks, retry shortly.",
+                    code="engine_failed"))
         except (ValueError, TypeError) as exc:  # make_request's checks
             job.future.set_exception(ServeError(400, str(exc)))
         except Exception as exc:
@@ -297,6 +302,15 @@ class EngineWorker:
             self._on_fatal(self.detail)
         return False
 
+    def _failed(self, exc: EngineError) -> str:
+        """A rank died or hung: /health says so (503) at once, the metrics count it, the log
+        gets the whole report. Returns the one-sentence reason."""
+        self.state, self.detail = RESTARTING, f"restarting the ranks: {exc.headline}"
+        self.metrics.engine_up.set(0)
+        self.metrics.engine_failures.labels(exc.cause).inc()
+        logger.error("cfgpar serve: %s", exc)
+        return exc.headline
+
     def _restart(self, reason: str) -> bool:
         logger.error("cfgpar serve: %s; restarting the ranks", reason)
         self.state, self.detail = RESTARTING, f"restarting the ranks: {reason}"
@@ -319,11 +333,6 @@ class EngineWorker:
             except Exception:
                 logger.exception("cfgpar serve: closing the engine failed")
 
-    def _dead_ranks(self) -> list[int]:
-        """Ranks that died while no request ran (the engine itself notices only during a request)."""
-        alive = {p.pid for p in mp.active_children()}  # also reaps the dead ones
-        return [pid for pid in self.rank_pids if pid not in alive]
-
     def _fail_queued(self, status: int, message: str) -> None:
         for job in self.queue.drain():
             if job.future.set_running_or_notify_cancel():
@@ -338,11 +347,3 @@ def _summary(exc: BaseException) -> str:
         return type(exc).__name__
     return lines[0] if len(lines) == 1 else f"{lines[0].rstrip(':')}: {lines[-1]}"
 
-
-def _kill_ranks() -> None:
-    """SIGKILL this process's rank processes (the Engine names them "cfgpar-rank<N>"). Used only at
-    shutdown, when the engine thread is blocked in a generation or in starting the ranks: the
-    engine then sees them die and returns."""
-    for proc in mp.active_children():
-        if proc.name.startswith("cfgpar-rank"):
-            proc.kill()
