@@ -7,8 +7,8 @@ import logging
 import sys
 from pathlib import Path
 
-from cfgpar.cli_common import DEFAULT_NEGATIVE, CliError, add_layout_args, parallel_config
-from cfgpar.inputs.data import RENORM_TYPES
+from cfgpar.cli_common import DEFAULT_NEGATIVE, CliError, add_layout_args, open_image, parallel_config, run_main
+from cfgpar.inputs.data import RENORM_TYPES, check_prompt_text
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, *, size: bool) -> None:
@@ -109,21 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
-    try:
-        return args.run(args) or 0
-    except KeyboardInterrupt:
-        print("cfgpar: interrupted", file=sys.stderr)
-        return 130
-    except Exception as exc:  # one clear line unless --verbose (RequestError is a ValueError)
-        if getattr(args, "verbose", False):
-            raise
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        print(f"cfgpar: error: {message}", file=sys.stderr)
-        return 2 if isinstance(exc, (CliError, ValueError, FileNotFoundError)) else 1
+    return run_main(lambda: args.run(args), verbose=getattr(args, "verbose", False))
 
 
 def run_edit(args) -> int:
-    image = _open_image(args.image)
+    image = open_image(args.image)
     return _run(args, "edit", {"image": image}, default_output=Path(args.image).with_name(Path(args.image).stem + "_edited.png"))
 
 
@@ -147,13 +137,11 @@ def _run(args, task: str, multi_modal_data: dict, default_output: Path) -> int:
     if output.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
         raise CliError(f"--output must end in .png, .jpg, .jpeg or .webp, got {str(output)!r}.")
     params(dict(default_steps=1))  # the flags' own errors before any rank starts
+    check_prompt_text(args.prompt)
     parallel = parallel_config(args)
-    _check_output_kind(args.model, "image", "generate" if task == "text-to-image" else "edit")
+    _check_model(args.model, task)
     with Omni(args.model or default_model(task), parallel, threads_per_rank=args.threads_per_rank) as omni:
         info = omni.model_info
-        if task not in info["tasks"]:
-            raise CliError(f"model {args.model!r} is a {info['task']} model; `cfgpar "
-                           f"{'edit' if task == 'edit' else 'generate'}` needs a {task} model.")
         negative = args.negative_prompt
         if negative is None and info["needs_negative_prompt"]:
             negative = DEFAULT_NEGATIVE
@@ -163,10 +151,8 @@ def _run(args, task: str, multi_modal_data: dict, default_output: Path) -> int:
         (out,) = omni.generate(prompt, params(info))
     output.parent.mkdir(parents=True, exist_ok=True)
     out.images[0].save(output)
-    m = out.metrics
-    print(f"wrote {output} | {out.images[0].width}x{out.images[0].height}, {m.num_branches} CFG branch(es) on "
-          f"{parallel.describe()}, seed {out.seed} | encode {m.encode_s:.2f}s, denoise {m.denoise_s:.2f}s, "
-          f"decode {m.decode_s:.2f}s, total {m.total_s:.2f}s")
+    print(f"wrote {output} | {out.images[0].width}x{out.images[0].height}, {_layout_words(out, parallel)} | "
+          f"{_timings(out, omni)}")
     return 0
 
 
@@ -183,30 +169,56 @@ def run_video(args) -> int:
     )
     prompt = {"prompt": args.prompt, "negative_prompt": args.negative_prompt}
     if args.image:
-        prompt["multi_modal_data"] = {"image": _open_image(args.image)}
+        prompt["multi_modal_data"] = {"image": open_image(args.image)}
+    check_prompt_text(args.prompt)
     parallel = parallel_config(args)
-    _check_output_kind(args.model, "video", "video")
+    _check_model(args.model, "video")
     with Omni(args.model, parallel, threads_per_rank=args.threads_per_rank) as omni:
         (out,) = omni.generate(prompt, params)
     output.parent.mkdir(parents=True, exist_ok=True)
     out.save_video(output)
-    frames, m = out.videos[0], out.metrics
+    frames = out.videos[0]
     print(f"wrote {output} | {len(frames)} frames of {frames[0].width}x{frames[0].height} at {out.fps} fps, "
-          f"{m.num_branches} CFG branch(es) on {parallel.describe()}, seed {out.seed} | encode {m.encode_s:.2f}s, "
-          f"denoise {m.denoise_s:.2f}s, decode {m.decode_s:.2f}s, total {m.total_s:.2f}s")
+          f"{_layout_words(out, parallel)} | {_timings(out, omni)}")
     return 0
 
 
-def _check_output_kind(model: str | None, want: str, command: str) -> None:
-    """Refuse a picture model for `cfgpar video`, or a video model for generate/edit, before any rank starts."""
-    if model is None:  # the embedded model: a picture model
-        return
-    from cfgpar.models.loader import import_pipeline, pipeline_path, resolve_model
+def _layout_words(out, parallel) -> str:
+    return f"{out.metrics.num_branches} CFG branch(es) on {parallel.describe()}, seed {out.seed}"
 
-    kind = import_pipeline(pipeline_path(resolve_model(model))).output_kind
-    if kind != want:
-        other = "`cfgpar video`" if kind == "video" else "`cfgpar generate` or `cfgpar edit`"
-        raise CliError(f"model {model!r} makes {kind}s; `cfgpar {command}` makes {want}s: use {other}.")
+
+def _timings(out, omni) -> str:
+    """The last line's timings: the ranks' start-up (spawn, imports, rendezvous, loading), then the request's stages."""
+    m = out.metrics
+    return (f"start-up {omni.startup['total_s']:.2f}s, encode {m.encode_s:.2f}s, denoise {m.denoise_s:.2f}s, "
+            f"decode {m.decode_s:.2f}s, total {m.total_s:.2f}s")
+
+
+TASK_WORDS = {"edit": "an edit", "text-to-image": "a text-to-image", "text-to-video": "a text-to-video",
+              "image-to-video": "an image-to-video", "text-image-to-video": "a text-image-to-video"}
+COMMANDS = {"edit": "cfgpar edit", "text-to-image": "cfgpar generate", "video": "cfgpar video"}
+
+
+def _check_model(model: str | None, task: str) -> None:
+    """Refuse, before any rank starts, a model that cannot do what the command does: `task` is
+    "edit", "text-to-image" or "video" (any video task)."""
+    if model is None:  # the embedded model serves edit and text-to-image
+        return
+    from cfgpar.models.loader import pipeline_path, resolve_model
+    from cfgpar.models.registry import facts_of
+
+    facts = facts_of(pipeline_path(resolve_model(model)))
+    serves = task in facts.tasks if task != "video" else facts.output_kind == "video"
+    if serves:
+        return
+    if facts.output_kind == "video":
+        raise CliError(f"model {model!r} makes videos; `{COMMANDS[task]}` makes images: use `cfgpar video`.")
+    if task == "video":
+        raise CliError(f"model {model!r} makes images; `cfgpar video` makes videos: use `cfgpar generate` or "
+                       "`cfgpar edit`.")
+    use = " or ".join(f"`{COMMANDS[t]}`" for t in facts.tasks if t in COMMANDS)
+    raise CliError(f"model {model!r} is {TASK_WORDS[facts.tasks[0]]} model; `{COMMANDS[task]}` needs "
+                   f"{TASK_WORDS[task]} model: use {use}.")
 
 
 def run_bench(args) -> int:
@@ -251,18 +263,6 @@ def run_plan(args) -> int:
     from cfgpar.plan import run
 
     return run(args)
-
-
-def _open_image(path: str):
-    from PIL import Image, UnidentifiedImageError
-
-    if not Path(path).is_file():
-        raise CliError(f"--image {path!r}: no such file.")
-    try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except (UnidentifiedImageError, OSError) as exc:
-        raise CliError(f"--image {path!r} is not a picture PIL can read ({exc}).") from None
 
 
 if __name__ == "__main__":

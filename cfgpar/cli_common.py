@@ -5,6 +5,9 @@ cfgpar/server/cli.py both import from here; neither imports the other's internal
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
+from typing import Callable
 
 from cfgpar.diffusion.data import MAX_CFG_PARALLEL_SIZE, DiffusionParallelConfig
 
@@ -40,3 +43,33 @@ def add_layout_args(p: argparse.ArgumentParser, max_cfg: int = MAX_CFG_PARALLEL_
     p.add_argument("--threads-per-rank", type=int, default=None,
                    help="CPU threads per rank (default: $OMP_NUM_THREADS if set, else cores / ranks); "
                         "the same value on every run gives the same picture at any --cfg-parallel-size")
+
+
+def run_main(main: Callable[[], int | None], *, verbose: bool = False) -> int:
+    """Run a command or an example script: its exit status; a user's mistake as one line
+    ("cfgpar: error: ...", status 2) unless `verbose`; Ctrl-C as "cfgpar: interrupted" (status
+    130) once the ranks have stopped (Engine.generate stops them between steps)."""
+    try:
+        return main() or 0
+    except KeyboardInterrupt:
+        print("\ncfgpar: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # one clear line unless --verbose (RequestError is a ValueError)
+        if verbose:
+            raise
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"cfgpar: error: {message}", file=sys.stderr)
+        return 2 if isinstance(exc, (CliError, ValueError, FileNotFoundError)) else 1
+
+
+def open_image(path: str, flag: str = "--image"):
+    """The picture at `path` as RGB, or CliError naming the flag: checked before any rank starts."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not Path(path).is_file():
+        raise CliError(f"{flag} {path!r}: no such file.")
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (UnidentifiedImageError, OSError) as exc:
+        raise CliError(f"{flag} {path!r} is not a picture PIL can read ({exc}).") from None

@@ -2,11 +2,11 @@
 a real one, e.g. Qwen/Qwen-Image-Edit or a local copy, with --image and --prompt to match)."""
 
 import argparse
+import sys
 from pathlib import Path
 
-from PIL import Image
-
 from cfgpar import DiffusionParallelConfig, Omni, OmniDiffusionSamplingParams
+from cfgpar.cli_common import open_image, run_main
 from cfgpar.models.embedded import default_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -21,11 +21,11 @@ def main() -> None:
     parser.add_argument("--output", default=str(ROOT / "outputs" / "quickstart.png"))
     args = parser.parse_args()
 
+    input_image = open_image(args.image)  # before any rank starts
     omni = Omni(
         model=args.model or default_model("edit"),
         parallel_config=DiffusionParallelConfig(cfg_parallel_size=args.cfg_parallel_size),
     )
-    input_image = Image.open(args.image).convert("RGB")
     outputs = omni.generate(
         {"prompt": args.prompt, "negative_prompt": "low quality, blurry", "multi_modal_data": {"image": input_image}},
         OmniDiffusionSamplingParams(true_cfg_scale=4.0, num_inference_steps=20, seed=0),
@@ -40,4 +40,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

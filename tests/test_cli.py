@@ -83,7 +83,7 @@ def test_video(models, tmp_path):
     (["edit", "--image", "{notimage}", "--prompt", "x"], "is not a picture PIL can read"),
     (["generate", "--prompt", "x", "--height", "8", "--model", "{t2i}"], "height must be between 16 and 4096, got 8"),
     (["generate", "--prompt", "x", "--model", "no/such-model"], "could not fetch model 'no/such-model'"),
-    (["generate", "--prompt", "x", "--model", "{edit}"], "is a edit model"),
+    (["generate", "--prompt", "x", "--model", "{edit}"], "is an edit model; `cfgpar generate` needs a text-to-image model: use `cfgpar edit`"),
     (["generate", "--prompt", "x", "--model", "{t2i}", "--vae-patch-parallel-size", "3"],
      "vae_patch_parallel_size must be between 1 and 2 (the 2 rank(s) of this layout), got 3"),
     (["generate", "--prompt", "x", "--model", "{t2i}", "--ulysses-degree", "4"],
@@ -94,6 +94,10 @@ def test_video(models, tmp_path):
     (["generate", "--prompt", "x", "--model", "{wan}"], "makes videos; `cfgpar generate` makes images: use `cfgpar video`"),
     (["video", "--prompt", "x", "--model", "{wan}", "--vae-patch-parallel-size", "2"],
      "the VAE decode over ranks is for image models"),
+    (["edit", "--image", "{picture}", "--prompt", "", "--model", "{edit}"], "prompt must not be empty"),
+    (["generate", "--prompt", "x", "--model", "/nonexistent/model"], "model folder '/nonexistent/model': no such folder"),
+    (["edit", "--image", "{picture}", "--prompt", "x", "--model", "{t2i}"],
+     "is a text-to-image model; `cfgpar edit` needs an edit model: use `cfgpar generate`"),
 ])
 def test_errors_are_one_line(models, tmp_path, args, message):
     notimage = tmp_path / "not-an-image.png"
@@ -105,6 +109,14 @@ def test_errors_are_one_line(models, tmp_path, args, message):
     lines = [line for line in done.stderr.splitlines() if line.startswith("cfgpar: error:")]
     assert len(lines) == 1 and message in lines[0], done.stderr[-2000:]
     assert "Traceback" not in done.stderr
+    assert "denoise" not in done.stderr  # refused before any rank ran
+
+
+def test_example_script_checks_its_picture_before_any_rank_starts(tmp_path):
+    script = EXAMPLES / "image_to_image" / "image_edit.py"
+    done = subprocess.run([sys.executable, script, "--image", "missing.png", "--prompt", "x"], capture_output=True,
+                          text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 2 and done.stderr.strip() == "cfgpar: error: --image 'missing.png': no such file."
 
 
 @pytest.mark.exactness

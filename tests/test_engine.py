@@ -45,8 +45,9 @@ def test_two_branches_same_picture_as_sequential_at_same_threads_per_rank(toy_mo
 
 
 @pytest.mark.exactness
-def test_two_branches_on_three_ranks_same_picture_at_same_threads_per_rank(toy_model):
+def test_two_branches_on_three_ranks_same_picture_at_same_threads_per_rank(toy_model, capfd):
     assert np.array_equal(pixels(run(toy_model, 1)), pixels(run(toy_model, 3)))
+    assert "CFG rank(s) 2 sit idle" in capfd.readouterr().err  # said once, as the no-guidance warning
 
 
 @pytest.mark.exactness

@@ -403,6 +403,8 @@ GENERATION_CASES = [
     ({"prompt": "x", "model": "gpt-image-1"}, 404, "not served here"),
     ({"prompt": "x", "n": 99}, 400, "n must be between 1 and 4"),
     ({"prompt": "x", "stream": True}, 400, "stream is not supported"),
+    (b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 400, "nested too deeply"),
+    ({"prompt": "x", "size": "99999999999999999999x8"}, 400, "over this server's limit"),
     # passes the server's checks; the pipeline refuses it (RequestError) and the ranks go on
     ({"prompt": "x", "size": "32x32", "image_guidance_scale": 2.0}, 400, "image-edit models only"),
 ]
@@ -605,4 +607,4 @@ def test_sigint_leaves_no_process(server_a):
 def test_cli_refuses_a_missing_model(tmp_path):
     result = subprocess.run([sys.executable, "-m", "cfgpar.cli", "serve", str(tmp_path / "nothing"), "--port", "0"],
                             check=False, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2 and "neither a model folder nor a hub repo id" in result.stderr
+    assert result.returncode == 2 and "no such folder" in result.stderr

@@ -20,27 +20,30 @@ from cfgpar.server.worker import FAILED, READY, EngineWorker, Job
 PARAMS = OmniDiffusionSamplingParams(num_inference_steps=1)
 
 
-class FakeEngine:
-    def __init__(self):
-        self.running = True
-        self.pids: list[int] = []
-
-
 class FakeOmni:
     """Runs prompts by name: "wait..." blocks until `release` is set, "...fail" raises EngineError
     (the engine stops), "bad" raises RequestError. Records what it ran."""
 
     def __init__(self, log: list, release: threading.Event):
-        self.engine, self.log, self.release, self.closed = FakeEngine(), log, release, False
+        self.log, self.release, self.closed = log, release, False
         self.model_info = {"task": "edit", "size_unit": 16}
+        self.failure: EngineError | None = None
+        self.rank_pids: list[int] = []
+
+    def check(self):
+        if self.failure is not None:
+            raise self.failure
+
+    def interrupt(self):
+        self.release.set()
 
     def generate(self, prompt, params):
         text = prompt["prompt"]
         if text.startswith("wait"):
             self.release.wait(10)
         if text.endswith("fail"):
-            self.engine.running = False
-            raise EngineError("rank 1 died (exit code -9).")
+            self.failure = EngineError("rank 1 died (exit code -9).", "died")
+            raise self.failure
         if text == "bad":
             raise RequestError("the pipeline refuses this")
         self.log.append(text)
@@ -132,7 +135,8 @@ def test_engine_failure_is_500_then_restart_serves_the_queue(harness):
     harness.release.set()
     with pytest.raises(ServeError) as failed:
         failing.future.result(5)
-    assert failed.value.status == 500 and "rank 1 died" in failed.value.message
+    assert failed.value.status == 500 and failed.value.message.startswith("rank 1 died (exit code -9) during this request")
+    assert harness.metrics.engine_failures.labels("died")._value.get() == 1
     queued.future.result(5)  # not lost: it ran on the rebuilt engine
     assert len(harness.omnis) == 2 and harness.omnis[0].closed
     assert harness.worker.restarts == 1 and harness.worker.state == READY

@@ -1,7 +1,8 @@
 """A small pure-torch pipeline for engine tests: two or three guidance branches, real loop,
 real collectives, no model downloads. Prompts starting with "fail:" / "exit:" make rank 1
 raise / die at step 2; "slow:" sleeps in every step (to kill a rank mid-request); "refuse:" is a
-request the pipeline refuses (RequestError on every rank)."""
+request the pipeline refuses (RequestError on every rank); "hang:" makes rank 1 stop making
+progress at step 2 while its process stays alive (a hang the heartbeat alone cannot see)."""
 
 from __future__ import annotations
 
@@ -84,6 +85,8 @@ class ToyPipeline(DiffusionPipeline):
                 raise RuntimeError("toy failure injected on rank 1")
             if branch.prompt.startswith("exit:"):
                 os._exit(13)
+            if branch.prompt.startswith("hang:"):  # stuck in its own work: its heartbeat thread goes on
+                time.sleep(3600)
 
     def step(self, pred, t, latents):
         self.step_index += 1

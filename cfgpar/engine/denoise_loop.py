@@ -37,6 +37,7 @@ if TYPE_CHECKING:  # the engine runs pipelines; it does not import them
 logger = logging.getLogger("cfgpar")
 
 _warned_no_guidance = False
+_warned_idle_ranks = False
 
 
 def generate(
@@ -50,6 +51,7 @@ def generate(
     if len(guidance.branches) == 1:
         _warn_no_guidance(request, mesh)
         return _generate_split(pipeline, request, mesh, steps)
+    _warn_idle_ranks(len(guidance.branches), mesh)
     return _generate_guided(pipeline, request, guidance, mesh, steps)
 
 
@@ -163,6 +165,20 @@ class _Steps:
             yield t
             if self.on_step is not None:
                 self.on_step(done, len(timesteps))
+
+
+def _warn_idle_ranks(branches: int, mesh: ParallelMesh) -> None:
+    """Once per engine: more CFG ranks than the request has branches leaves some idle."""
+    global _warned_idle_ranks
+    idle = [r for r in range(mesh.cfg_size) if not branches_of_rank(branches, mesh.cfg_size, r)]
+    if not idle or mesh.rank != 0 or _warned_idle_ranks:
+        return
+    _warned_idle_ranks = True
+    logger.warning(
+        "cfg_parallel_size=%d but this request has %d guidance branches: CFG rank(s) %s sit idle. Three branches "
+        "need an edit with image_guidance_scale > 1 (or Bagel); for two, cfg_parallel_size=2 does the same work.",
+        mesh.cfg_size, branches, ", ".join(map(str, idle)),
+    )
 
 
 def _warn_no_guidance(request: GenerationRequest, mesh: ParallelMesh) -> None:

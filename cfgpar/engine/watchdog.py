@@ -136,9 +136,13 @@ def find_hung(board: Board, config: WatchdogConfig, pending: list[int] = (), sin
             return (f"rank {rank} has been silent for {silent:.1f} s (no heartbeat: the process is stopped or "
                     f"frozen; the limit is {config.heartbeat_timeout_s:g} s)")
     limit = config.stall_limit(board.slowest_gap())
-    for rank in pending:
-        idle = board.since_mark(rank, now, since)
-        if idle > limit:
-            return (f"rank {rank} has made no progress for {idle:.1f} s (its heartbeat goes on; the limit is "
-                    f"{limit:.0f} s, from the slowest step so far)")
-    return None
+    stalled = sorted(((board.since_mark(r, now, since), r) for r in pending), reverse=True)
+    stalled = [(idle, r) for idle, r in stalled if idle > limit]
+    if not stalled:
+        return None
+    # Ranks stuck together (one in its work, the others waiting for it in a collective) stop
+    # marking within moments of each other: name them all, the longest silent first.
+    names = ", ".join(str(r) for _, r in stalled)
+    return (f"rank{'s' if len(stalled) > 1 else ''} {names} {'have' if len(stalled) > 1 else 'has'} made no progress "
+            f"for {stalled[0][0]:.1f} s (their heartbeats go on; the limit is {limit:.0f} s, from the slowest step "
+            "so far)")

@@ -2,7 +2,8 @@
 
 Start-up: the model is checked here (a bad name exits with status 2 before anything starts),
 the socket is bound, then uvicorn serves at once while the engine thread starts the ranks;
-/health answers 503 until they are up, then the "ready" line is logged. SIGINT/SIGTERM: the
+/health answers 503 until they are up, then the "ready" line is logged. A rank that dies or
+hangs (the watchdog's flags) fails its request; /health answers 503 until new ranks are up. SIGINT/SIGTERM: the
 queued requests get 503, the one in flight gets --shutdown-timeout seconds, then the ranks are
 stopped and the process exits 0. If the ranks cannot be started at all, it exits 1.
 """
@@ -63,6 +64,16 @@ def add_serve_parser(subparsers) -> None:
                    help="seconds the request in flight may finish in at shutdown (default 10)")
     p.add_argument("--restart-attempts", type=int, default=3,
                    help="tries at restarting the ranks after one died, before giving up (default 3)")
+    p.add_argument("--heartbeat-timeout", type=float, default=10.0,
+                   help="seconds a rank may go without a heartbeat (its thread beats every 0.25 s) before it counts "
+                        "as hung (stopped, frozen): the request fails, /health answers 503, the ranks restart "
+                        "(default 10)")
+    p.add_argument("--stall-timeout-floor", type=float, default=60.0,
+                   help="while a rank owes an answer, the least time allowed between two of its steps; the limit is "
+                        "10x the slowest step seen so far, within the floor and the ceiling (default 60)")
+    p.add_argument("--stall-timeout-ceiling", type=float, default=900.0,
+                   help="the most time allowed between two steps of a rank, and the limit before any step has "
+                        "been timed (default 900)")
     p.add_argument("--no-access-log", action="store_true", help="do not log every HTTP request")
     p.add_argument("--verbose", "-v", action="store_true", help="tracebacks and library logs")
     p.set_defaults(run=run_serve)
@@ -72,6 +83,7 @@ def run_serve(args) -> int:
     import uvicorn
 
     from cfgpar import Omni
+    from cfgpar.engine.watchdog import WatchdogConfig
     from cfgpar.models.embedded import default_model
     from cfgpar.models.loader import pipeline_path, resolve_model
     from cfgpar.omni import check_layout_fits
@@ -81,6 +93,8 @@ def run_serve(args) -> int:
 
     _check_args(args, CliError)
     parallel = parallel_config(args)
+    watchdog = WatchdogConfig(heartbeat_timeout_s=args.heartbeat_timeout, stall_floor_s=args.stall_timeout_floor,
+                              stall_ceiling_s=args.stall_timeout_ceiling)
     model = args.model or default_model("edit")
     folder = resolve_model(model)
     check_layout_fits(folder, pipeline_path(folder), parallel)
@@ -100,8 +114,8 @@ def run_serve(args) -> int:
     url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
 
     def build():
-        return Omni(folder, parallel,
-                    threads_per_rank=args.threads_per_rank, device=args.device, dtype=args.dtype, progress_bar=False)
+        return Omni(folder, parallel, threads_per_rank=args.threads_per_rank, device=args.device, dtype=args.dtype,
+                    progress_bar=False, watchdog=watchdog)
 
     def on_ready(info: dict) -> None:
         logger.info("cfgpar serve: ready on %s | model %s (%s), %s, rank pids %s",

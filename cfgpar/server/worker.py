@@ -219,7 +219,7 @@ class EngineWorker:
                 try:
                     self._omni.check()
                 except EngineError as exc:
-                    if not self._stopping.is_set() and not self._restart(self._failed(exc)):
+                    if not self._stopping.is_set() and not self._restart(f"{self._failed(exc)} while idle"):
                         return
                 continue
             self._run(job)

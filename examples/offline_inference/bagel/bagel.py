@@ -12,11 +12,11 @@ Pass the same --threads-per-rank to compare cfg sizes bit for bit.
 """
 
 import argparse
+import sys
 import time
 
-from PIL import Image
-
 from cfgpar import DiffusionParallelConfig, Omni, OmniDiffusionSamplingParams
+from cfgpar.cli_common import open_image, run_main
 
 
 def main() -> None:
@@ -37,14 +37,14 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=None, help="text-to-image only (default 1024)")
     args = parser.parse_args()
 
+    prompt = {"prompt": args.prompt}
+    if args.image:  # read before any rank starts: a wrong path costs no start-up
+        prompt["multi_modal_data"] = {"image": open_image(args.image)}
     omni = Omni(
         model=args.model,
         parallel_config=DiffusionParallelConfig(cfg_parallel_size=args.cfg_parallel_size),
         threads_per_rank=args.threads_per_rank,
     )
-    prompt = {"prompt": args.prompt}
-    if args.image:
-        prompt["multi_modal_data"] = {"image": Image.open(args.image).convert("RGB")}
     start = time.perf_counter()
     outputs = omni.generate(
         prompt,
@@ -61,4 +61,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

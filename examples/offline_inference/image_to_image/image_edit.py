@@ -9,12 +9,11 @@ bit), --ulysses-degree and --ring-degree (sequence parallelism), --vae-patch-par
 """
 
 import argparse
+import sys
 import time
 
-from PIL import Image
-
 from cfgpar import Omni, OmniDiffusionSamplingParams
-from cfgpar.cli_common import add_layout_args, parallel_config
+from cfgpar.cli_common import add_layout_args, open_image, parallel_config, run_main
 from cfgpar.models.embedded import default_model
 
 
@@ -31,12 +30,12 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
+    input_image = open_image(args.image)  # before any rank starts: a wrong path costs no start-up
     omni = Omni(
         model=args.model or str(default_model("edit")),
         parallel_config=parallel_config(args),
         threads_per_rank=args.threads_per_rank,
     )
-    input_image = Image.open(args.image).convert("RGB")
     start = time.perf_counter()
     outputs = omni.generate(
         {
@@ -55,4 +54,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

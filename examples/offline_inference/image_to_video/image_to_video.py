@@ -11,10 +11,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from PIL import Image
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "text_to_video"))
 from text_to_video import add_video_args, generate  # noqa: E402
+
+from cfgpar.cli_common import open_image, run_main  # noqa: E402
 
 
 def main() -> None:
@@ -24,10 +24,10 @@ def main() -> None:
     parser.add_argument("--image", required=True, help="the first frame")
     parser.add_argument("--output", default="i2v_output.mp4")
     args = parser.parse_args()
-    image = Image.open(args.image).convert("RGB")
+    image = open_image(args.image)  # before any rank starts
     generate(args, {"prompt": args.prompt, "negative_prompt": args.negative_prompt,
                     "multi_modal_data": {"image": image}})
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

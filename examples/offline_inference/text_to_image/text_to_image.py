@@ -9,10 +9,11 @@ bit), --ulysses-degree and --ring-degree (sequence parallelism), --vae-patch-par
 """
 
 import argparse
+import sys
 import time
 
 from cfgpar import Omni, OmniDiffusionSamplingParams
-from cfgpar.cli_common import add_layout_args, parallel_config
+from cfgpar.cli_common import add_layout_args, parallel_config, run_main
 from cfgpar.models.embedded import default_model
 
 
@@ -50,4 +51,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

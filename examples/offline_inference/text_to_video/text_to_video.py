@@ -11,10 +11,11 @@ guide's flags: --threads-per-rank (the same value gives the same video at any cf
 """
 
 import argparse
+import sys
 import time
 
 from cfgpar import Omni, OmniDiffusionSamplingParams
-from cfgpar.cli_common import add_layout_args, parallel_config
+from cfgpar.cli_common import add_layout_args, parallel_config, run_main
 
 
 def add_video_args(parser: argparse.ArgumentParser) -> None:
@@ -57,4 +58,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))
