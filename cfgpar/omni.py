@@ -55,6 +55,11 @@ class Omni:
     and dtype on GPUs. `threads_per_rank` defaults to $OMP_NUM_THREADS, else the cores split
     evenly over the ranks, so pass it (or set OMP_NUM_THREADS) to compare cfg_parallel_size 1
     with 2.
+
+    A rank that dies or hangs fails the request with EngineError naming it, within moments for
+    a death and within the `watchdog`'s limits for a hang (WatchdogConfig: a heartbeat silent for
+    10 s, or no denoising step for 10x the slowest so far, within 60-900 s); the Omni then takes
+    no more work. Ctrl-C during `generate` stops the ranks between two steps.
     """
 
     def __init__(

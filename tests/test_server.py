@@ -528,6 +528,12 @@ def test_page_edits_a_picture(server_a, picture, tmp_path):
         shown = browser.find_element(By.ID, "result").get_attribute("src")
         assert shown.startswith("data:image/png;base64,")
         assert browser.execute_script("return document.getElementById('result').naturalWidth") == 32
+        # a request that fails clears the last result: an old picture under the error would read as its own
+        browser.find_element(By.ID, "size").clear()
+        browser.find_element(By.ID, "size").send_keys("33x32")
+        browser.find_element(By.ID, "run").click()
+        wait.until(lambda b: "multiples of 16" in b.find_element(By.ID, "error").text)
+        assert browser.find_element(By.ID, "result").get_attribute("src") in (None, "")
     finally:
         browser.quit()
     # the page sent what the form said: the same picture as the API gives for those fields
