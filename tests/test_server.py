@@ -577,7 +577,7 @@ def test_idle_rank_death_and_failed_restart_are_reported(server_c, models):
     start = time.monotonic()
     status, body = server_c.generate({"prompt": "x", "size": "32x32"})
     assert status == 503 and "cannot take requests" in body["error"]["message"] and time.monotonic() - start < 2
-    assert "died while idle" in server_c.text() and "giving up" in server_c.text()
+    assert "died (exit code -9) while idle" in server_c.text() and "giving up" in server_c.text()
     assert len(rank_pids(server_c)) == 0
 
 
