@@ -175,9 +175,9 @@ def _warn_idle_ranks(branches: int, mesh: ParallelMesh) -> None:
         return
     _warned_idle_ranks = True
     logger.warning(
-        "cfg_parallel_size=%d but this request has %d guidance branches: CFG rank(s) %s sit idle. Three branches "
-        "need an edit with image_guidance_scale > 1 (or Bagel); for two, cfg_parallel_size=2 does the same work.",
-        mesh.cfg_size, branches, ", ".join(map(str, idle)),
+        "cfg_parallel_size=%d but this request has %d guidance branches: CFG rank(s) %s sit idle; "
+        "cfg_parallel_size=%d does the same work on fewer ranks.",
+        mesh.cfg_size, branches, ", ".join(map(str, idle)), branches,
     )
 
 

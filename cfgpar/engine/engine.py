@@ -123,10 +123,6 @@ class Engine:
         return self.config.parallel.world_size
 
     @property
-    def running(self) -> bool:
-        return bool(self._procs) and self._failure is None
-
-    @property
     def failure(self) -> EngineError | None:
         """The failure that stopped the engine, if one has."""
         return self._failure
@@ -310,11 +306,7 @@ class Engine:
         self._stop_asked = True
         if self._board is not None:
             self._board.ask_to_stop()
-        procs = list(self._procs)
-        _join_all(procs, self.config.stop_grace_s)
-        for proc in procs:
-            if proc.is_alive():
-                proc.kill()
+        _end_within(list(self._procs), self.config.stop_grace_s)
 
     def close(self) -> None:
         """Stop every rank (asking first, killing after stop_grace_s) and release the rendezvous
@@ -343,11 +335,7 @@ class Engine:
                     proc.terminate()
             except (BrokenPipeError, OSError):
                 pass
-        _join_all(self._procs, self.config.stop_grace_s)
-        for proc in self._procs:
-            if proc.is_alive():
-                proc.kill()
-            proc.join()
+        _end_within(self._procs, self.config.stop_grace_s)
         for conn in self._conns:
             conn.close()
         self._procs, self._conns = [], []
@@ -367,8 +355,13 @@ def _crash_report(rank: int, what: str, traceback_text: str) -> str:
     return f"rank {rank} failed while {what} ({kind}):\n{traceback_text}"
 
 
-def _join_all(procs, timeout: float) -> None:
-    """Join every process within one shared deadline."""
-    deadline = time.monotonic() + timeout
+def _end_within(procs, grace_s: float) -> None:
+    """Wait for every process to exit within one shared `grace_s`, then SIGKILL the rest and reap
+    them (SIGKILL ends even a stopped process)."""
+    deadline = time.monotonic() + grace_s
     for proc in procs:
         proc.join(max(0.0, deadline - time.monotonic()))
+    for proc in procs:
+        if proc.is_alive():
+            proc.kill()
+        proc.join()

@@ -76,9 +76,6 @@ class Board:
     def create(cls, ctx, world_size: int) -> "Board":
         return cls(ctx.RawArray("d", 3 * world_size + 1), world_size)
 
-    def __reduce__(self):
-        return Board, (self.values, self.world_size)
-
     # ---- a rank's side -----------------------------------------------------------------
     def beat(self, rank: int) -> None:
         self.values[3 * rank] = time.monotonic()
@@ -111,19 +108,15 @@ class Board:
         return max(self.values[3 * r + 2] for r in range(self.world_size))
 
 
-class Heartbeat:
-    """A rank's heartbeat thread (daemon: it ends with the process)."""
+def start_heartbeat(board: Board, rank: int) -> None:
+    """A rank's heartbeat thread, beating every BEAT_S (daemon: it ends with the process)."""
 
-    def __init__(self, board: Board, rank: int):
-        self.board, self.rank = board, rank
-        board.beat(rank)
-        self._thread = threading.Thread(target=self._run, name="cfgpar-heartbeat", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
+    def beat_forever() -> None:
         while True:
-            self.board.beat(self.rank)
+            board.beat(rank)
             time.sleep(BEAT_S)
+
+    threading.Thread(target=beat_forever, name="cfgpar-heartbeat", daemon=True).start()
 
 
 def find_hung(board: Board, config: WatchdogConfig, pending: list[int] = (), since: float = 0.0) -> str | None:

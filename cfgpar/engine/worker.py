@@ -23,7 +23,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 
 from cfgpar.distributed.mesh import RendezvousInfo
-from cfgpar.engine.watchdog import Board, Heartbeat
+from cfgpar.engine.watchdog import Board, start_heartbeat
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,7 @@ def worker_main(spec: WorkerSpec, conn: Connection) -> None:
     """Process entry point of one rank."""
     # Ctrl-C in a terminal reaches the whole process group; the engine decides when ranks stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    Heartbeat(spec.board, spec.rank)
+    start_heartbeat(spec.board, spec.rank)
     _setup_logging(spec.rank)
     try:
         state, startup = _start(spec)
