@@ -788,7 +788,7 @@ def main() -> None:
     commit = args.commit or git_commit(args.official)
 
     # cfgpar (and diffusers, which probes for torchvision) first, then the official code.
-    from cfgpar.pipelines.bagel import BagelPipeline
+    from cfgpar.models.bagel.pipeline import BagelPipeline
     from cfgpar.testing.tiny_bagel import write_tiny_bagel
 
     import_official(args.official.resolve())

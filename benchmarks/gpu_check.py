@@ -42,7 +42,7 @@ def build_pipeline(config: dict, device: torch.device, dtype: torch.dtype, tmp: 
     an fp32 copy first)."""
     from diffusers import QwenImageTransformer2DModel
 
-    from cfgpar.pipelines.qwen_image_edit import QwenImageEditPipeline
+    from cfgpar.models.qwen_image.edit import QwenImageEditPipeline
     from cfgpar.testing.tiny_models import write_tiny_qwen_image
 
     folder = write_tiny_qwen_image(tmp / "tiny-edit", edit=True, vae_scale_factor=8)
@@ -61,7 +61,7 @@ def build_pipeline(config: dict, device: torch.device, dtype: torch.dtype, tmp: 
 def inputs(pipe, side: int, text_tokens: int, config: dict):
     """A plan and two branches' conditions as prepare()/encode() would give them."""
     from cfgpar.guidance import Branch
-    from cfgpar.pipelines.base import Plan
+    from cfgpar.models.pipeline import RequestState
 
     device, dtype = pipe.device, pipe.dtype
     grid = (1, side // 16, side // 16)
@@ -71,7 +71,7 @@ def inputs(pipe, side: int, text_tokens: int, config: dict):
     def rand(*shape):
         return torch.randn(*shape, generator=gen).to(device, dtype)
 
-    plan = Plan(latents=rand(1, tokens, 64), timesteps=torch.tensor([1000.0]),
+    plan = RequestState(latents=rand(1, tokens, 64), timesteps=torch.tensor([1000.0]),
                 extras={"img_shapes": [[grid, grid]]}, token_inputs={"image_latents": rand(1, tokens, 64)})
     branches = [Branch("positive", "p"), Branch("negative", "n")]
     conds = [dict(embeds=rand(1, text_tokens, config["joint_attention_dim"]), img_shapes=[[grid, grid]])
@@ -84,7 +84,7 @@ def sequence_parallel_path(pipe, step, device, timer) -> dict:
     device against the plain path it replaces: the same prediction bit for bit, and its step time.
     Installs the hooks on pipe.transformer for good: run it last."""
     from cfgpar.distributed.mesh import ParallelMesh
-    from cfgpar.distributed.sequence_parallel import QwenImageSequenceParallel
+    from cfgpar.models.qwen_image.parallelize import QwenImageSequenceParallel
 
     plain = step()
     QwenImageSequenceParallel(pipe.transformer, ParallelMesh({"cfg": 1, "ring": 1, "ulysses": 1}, device))

@@ -9,8 +9,8 @@ import importlib
 
 _PUBLIC = {
     "Omni": "cfgpar.omni",
-    "DiffusionParallelConfig": "cfgpar.diffusion.data",
-    "OmniDiffusionSamplingParams": "cfgpar.inputs.data",
+    "DiffusionParallelConfig": "cfgpar.config",
+    "OmniDiffusionSamplingParams": "cfgpar.params",
     "OmniRequestOutput": "cfgpar.outputs",
 }
 __all__ = list(_PUBLIC)

@@ -7,23 +7,30 @@ import logging
 import sys
 from pathlib import Path
 
-from cfgpar.cli_common import DEFAULT_NEGATIVE, CliError, add_layout_args, open_image, parallel_config, run_main
-from cfgpar.inputs.data import RENORM_TYPES, check_prompt_text
+from cfgpar.cli_common import CliError, add_layout_args, open_image, parallel_config, run_main
+from cfgpar.params import DEFAULT_NEGATIVE_PROMPT, RENORM_TYPES, check_prompt_text
+
+
+def takers(param: str) -> str:
+    """The families that take a parameter, in words (models/registry.py)."""
+    from cfgpar.models.registry import FAMILIES
+
+    return " and ".join(spec.title for spec in FAMILIES if param in spec.params)
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, *, size: bool) -> None:
     p.add_argument("--prompt", required=True, help="what to generate, or how to edit")
     p.add_argument("--negative-prompt", default=None,
-                   help=f"negative branch of CFG (default: {DEFAULT_NEGATIVE!r}; '' for the empty prompt; Bagel: "
-                        "none, as the official code)")
+                   help=f"negative branch of CFG (default: {DEFAULT_NEGATIVE_PROMPT!r} where the model needs one; "
+                        "'' for the empty prompt)")
     p.add_argument("--cfg-scale", type=float, default=4.0,
-                   help="true_cfg_scale (Bagel: the text scale); <= 1 turns guidance off (default 4)")
+                   help="true_cfg_scale (the text scale); <= 1 turns guidance off (default 4)")
     p.add_argument("--image-guidance-scale", type=float, default=None,
-                   help="edit models: adds a third, image-unconditional branch (text + image guidance); Bagel: "
-                        "its image scale, cfg_img_scale (default 1.5)")
+                   help="edit models: adds a third, image-unconditional branch (text + image guidance; "
+                        "default: the model's)")
     p.add_argument("--num-inference-steps", type=int, default=None,
-                   help="denoising steps (default 20; Bagel: 50, as the official code)")
-    bagel = p.add_argument_group("Bagel (BAGEL-7B-MoT) only")
+                   help="denoising steps (default: the model's)")
+    bagel = p.add_argument_group(f"{takers('cfg_interval')} only")
     bagel.add_argument("--cfg-interval", type=float, nargs=2, metavar=("LOW", "HIGH"), default=None,
                        help="guidance only at the steps with LOW < t <= HIGH (default 0.4 1.0)")
     bagel.add_argument("--timestep-shift", type=float, default=None, help="schedule shift (default 3.0)")
@@ -41,22 +48,21 @@ def _add_sampling_args(p: argparse.ArgumentParser, *, size: bool) -> None:
 
 
 def _add_video_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="hub id or local folder of a video model, e.g. "
-                   "Wan-AI/Wan2.1-T2V-1.3B-Diffusers")
+    p.add_argument("--model", required=True, help="hub id or local folder of a video model")
     p.add_argument("--prompt", required=True, help="what the video shows")
     p.add_argument("--negative-prompt", default=None, help="negative branch of CFG (default: the empty prompt)")
     p.add_argument("--image", default=None, help="first frame, for image-to-video models (PNG, JPEG, ...)")
     p.add_argument("--guidance-scale", type=float, default=None,
-                   help="CFG scale; <= 1 turns guidance off (default: the model's, 5)")
+                   help="CFG scale; <= 1 turns guidance off (default: the model's)")
     p.add_argument("--guidance-scale-2", "--guidance-scale-high", dest="guidance_scale_2", type=float, default=None,
-                   help="Wan 2.2 A14B: the low-noise expert's scale (default: --guidance-scale)")
-    p.add_argument("--num-frames", type=int, default=None, help="frames, 4k + 1 (default: the model's, 81)")
+                   help="two-expert models: the low-noise expert's scale (default: --guidance-scale)")
+    p.add_argument("--num-frames", type=int, default=None, help="frames, 4k + 1 (default: the model's)")
     p.add_argument("--flow-shift", type=float, default=None,
-                   help="timestep shift of the schedule (Wan: 3.0 for 480p, 5.0 for 720p; default: the model's)")
+                   help="timestep shift of the schedule (default: the model's)")
     p.add_argument("--fps", type=int, default=None, help="frames per second of the MP4 (default: the model's)")
-    p.add_argument("--height", type=int, default=None, help="height in px (default: the model's, 480)")
-    p.add_argument("--width", type=int, default=None, help="width in px (default: the model's, 832)")
-    p.add_argument("--num-inference-steps", type=int, default=40, help="denoising steps (default 40)")
+    p.add_argument("--height", type=int, default=None, help="height in px (default: the model's)")
+    p.add_argument("--width", type=int, default=None, help="width in px (default: the model's)")
+    p.add_argument("--num-inference-steps", type=int, default=None, help="denoising steps (default: the model's)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise (default 0)")
     add_layout_args(p, max_cfg=2)
     p.add_argument("--output", "-o", default="generated.mp4", help="where to write the MP4 (default generated.mp4)")
@@ -73,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="text to image")
     _add_sampling_args(gen, size=True)
     gen.set_defaults(run=run_generate)
-    video = sub.add_parser("video", help="text (and optionally an image) to video, with a video model (Wan)")
+    video = sub.add_parser("video", help="text (and optionally an image) to video, with a video model")
     _add_video_args(video)
     video.set_defaults(run=run_video)
     bench = sub.add_parser("bench", help="time CFG-Parallel against cfg_parallel_size=1 and diffusers")
@@ -125,8 +131,8 @@ def _run(args, task: str, multi_modal_data: dict, default_output: Path) -> int:
     from cfgpar import Omni, OmniDiffusionSamplingParams
     from cfgpar.models.embedded import default_model
 
-    def params(info: dict) -> OmniDiffusionSamplingParams:
-        steps = info["default_steps"] if args.num_inference_steps is None else args.num_inference_steps
+    def params(default_steps: int) -> OmniDiffusionSamplingParams:
+        steps = default_steps if args.num_inference_steps is None else args.num_inference_steps
         return OmniDiffusionSamplingParams(
             true_cfg_scale=args.cfg_scale, num_inference_steps=steps, seed=args.seed, height=args.height,
             width=args.width, image_guidance_scale=args.image_guidance_scale, cfg_interval=args.cfg_interval,
@@ -136,19 +142,19 @@ def _run(args, task: str, multi_modal_data: dict, default_output: Path) -> int:
     output = Path(args.output) if args.output else default_output
     if output.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
         raise CliError(f"--output must end in .png, .jpg, .jpeg or .webp, got {str(output)!r}.")
-    params(dict(default_steps=1))  # the flags' own errors before any rank starts
+    params(1)  # the flags' own errors before any rank starts
     check_prompt_text(args.prompt)
     parallel = parallel_config(args)
     _check_model(args.model, task)
     with Omni(args.model or default_model(task), parallel, threads_per_rank=args.threads_per_rank) as omni:
         info = omni.model_info
         negative = args.negative_prompt
-        if negative is None and info["needs_negative_prompt"]:
-            negative = DEFAULT_NEGATIVE
+        if negative is None and info.needs_negative_prompt:
+            negative = DEFAULT_NEGATIVE_PROMPT
         prompt = {"prompt": args.prompt, "negative_prompt": negative}
         if multi_modal_data:
             prompt["multi_modal_data"] = multi_modal_data
-        (out,) = omni.generate(prompt, params(info))
+        (out,) = omni.generate(prompt, params(info.default_steps))
     output.parent.mkdir(parents=True, exist_ok=True)
     out.images[0].save(output)
     print(f"wrote {output} | {out.images[0].width}x{out.images[0].height}, {_layout_words(out, parallel)} | "
@@ -162,11 +168,13 @@ def run_video(args) -> int:
     output = Path(args.output)
     if output.suffix.lower() != ".mp4":
         raise CliError(f"--output must end in .mp4, got {str(output)!r}.")
-    params = OmniDiffusionSamplingParams(
-        guidance_scale=args.guidance_scale, guidance_scale_2=args.guidance_scale_2, num_frames=args.num_frames,
-        fps=args.fps, height=args.height, width=args.width, num_inference_steps=args.num_inference_steps,
-        seed=args.seed, flow_shift=args.flow_shift,
-    )
+    def params(default_steps: int) -> OmniDiffusionSamplingParams:
+        return OmniDiffusionSamplingParams(
+            guidance_scale=args.guidance_scale, guidance_scale_2=args.guidance_scale_2, num_frames=args.num_frames,
+            fps=args.fps, height=args.height, width=args.width, seed=args.seed, flow_shift=args.flow_shift,
+            num_inference_steps=default_steps if args.num_inference_steps is None else args.num_inference_steps)
+
+    params(1)  # the flags' own errors before any rank starts
     prompt = {"prompt": args.prompt, "negative_prompt": args.negative_prompt}
     if args.image:
         prompt["multi_modal_data"] = {"image": open_image(args.image)}
@@ -174,7 +182,7 @@ def run_video(args) -> int:
     parallel = parallel_config(args)
     _check_model(args.model, "video")
     with Omni(args.model, parallel, threads_per_rank=args.threads_per_rank) as omni:
-        (out,) = omni.generate(prompt, params)
+        (out,) = omni.generate(prompt, params(omni.model_info.default_steps))
     output.parent.mkdir(parents=True, exist_ok=True)
     out.save_video(output)
     frames = out.videos[0]

@@ -1,5 +1,4 @@
-"""What every `cfgpar` command shares, below them all: the user-error type, the default
-negative prompt and the options that set the ranks' layout. cfgpar/cli.py and
+"""What every `cfgpar` command shares, below them all: the user-error type and the options that set the ranks' layout. cfgpar/cli.py and
 cfgpar/server/cli.py both import from here; neither imports the other's internals."""
 
 from __future__ import annotations
@@ -9,10 +8,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from cfgpar.diffusion.data import MAX_CFG_PARALLEL_SIZE, DiffusionParallelConfig
-
-DEFAULT_NEGATIVE = "low quality, blurry"
-"""Negative prompt of `cfgpar edit|generate` and of the server when a request names none."""
+from cfgpar.config import MAX_CFG_PARALLEL_SIZE, DiffusionParallelConfig
 
 
 class CliError(Exception):

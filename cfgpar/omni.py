@@ -7,19 +7,21 @@ import os
 import random
 import time
 import weakref
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from PIL import Image
 
-from cfgpar.diffusion.data import DiffusionParallelConfig
+from cfgpar.config import DiffusionParallelConfig
 from cfgpar.distributed.sequence_parallel import check_ulysses_degree
 from cfgpar.engine.engine import Engine, EngineConfig
-from cfgpar.engine.request import GenerationRequest
+from cfgpar.request import GenerationRequest
 from cfgpar.engine.watchdog import WatchdogConfig
-from cfgpar.inputs.data import OmniDiffusionSamplingParams, check_prompt_text
+from cfgpar.params import OmniDiffusionSamplingParams, check_prompt_text
 from cfgpar.models.loader import pipeline_path, resolve_model, transformer_config
+from cfgpar.models.info import ModelInfo
 from cfgpar.models.registry import facts_of
 from cfgpar.outputs import OmniRequestOutput
 
@@ -93,11 +95,10 @@ class Omni:
         self._finalizer = weakref.finalize(self, Engine.close, self.engine)
 
     @property
-    def model_info(self) -> dict:
-        """Facts about the loaded model: task ("edit" or "text-to-image"), max_branches,
-        size_unit (output sides are multiples of it), default_size, device (of rank 0), dtype, and
-        layout: the ranks' layout in words, e.g. "4 ranks: cfg 2 x ulysses 2"."""
-        return {**self.engine.model_info, "layout": self.parallel_config.describe()}
+    def model_info(self) -> ModelInfo:
+        """Facts about the loaded model (task, branches, size unit, defaults, device, dtype) and
+        its layout in words, e.g. "4 ranks: cfg 2 x ulysses 2" (models/info.py)."""
+        return replace(self.engine.model_info, layout=self.parallel_config.describe())
 
     def generate(
         self,
@@ -118,7 +119,7 @@ class Omni:
         request = make_request(next(self._ids), prompt, params)
         result = self.engine.generate(request, on_progress)
         result.metrics.total_s = time.perf_counter() - start
-        fps = (params.fps or self.engine.model_info.get("default_fps")) if result.videos else None
+        fps = (params.fps or self.engine.model_info.default_fps) if result.videos else None
         # A video's `images` are its first video's frames, where vLLM-Omni puts a video's frames.
         images = result.videos[0] if result.videos else result.images
         return OmniRequestOutput(

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from cfgpar.engine.request import StageMetrics
+from cfgpar.request import StageMetrics
 
 
 @dataclass

@@ -41,7 +41,7 @@ from cfgpar.bench.video_model import (
     video_workload,
 )
 from cfgpar.cli_common import CliError
-from cfgpar.diffusion.data import MAX_DEGREE
+from cfgpar.config import MAX_DEGREE
 from cfgpar.models.loader import ModelLoadError, fetch_from_hub, resolve_model
 
 TASKS = {"QwenImageEditPipeline": "edit", "QwenImagePipeline": "text-to-image"}

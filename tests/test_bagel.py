@@ -17,8 +17,8 @@ from cfgpar.engine.denoise_loop import generate
 from cfgpar.guidance import bagel_cfg
 from cfgpar.models.loader import ModelLoadError, pipeline_path, resolve_model
 from cfgpar.omni import make_request
-from cfgpar.pipelines.bagel import BagelPipeline
-from cfgpar.pipelines.base import RequestError
+from cfgpar.models.bagel.pipeline import BagelPipeline
+from cfgpar.models.pipeline import RequestError
 from cfgpar.testing.tiny_bagel import write_tiny_bagel
 from sp_ranks import run_layout
 
@@ -53,11 +53,11 @@ def one_rank(pipeline, request):
 
 def test_folder_without_model_index_is_bagel_and_loads_the_official_keys(folder, pipeline):
     assert resolve_model(folder) == folder.resolve()
-    assert pipeline_path(folder) == "cfgpar.pipelines.bagel:BagelPipeline"
-    info = pipeline.describe()
-    assert info["tasks"] == ["text-to-image", "edit"] and info["max_branches"] == 3
+    assert pipeline_path(folder) == "cfgpar.models.bagel.pipeline:BagelPipeline"
+    info = pipeline.info()
+    assert info.tasks == ("text-to-image", "edit") and info.max_branches == 3
     # 2 autoencoder levels x 2 x 2 latent patches: 4 px a token; 16 tokens a side in the table
-    assert info["size_unit"] == 4 and info["max_size"] == 64
+    assert info.size_unit == 4 and info.max_side == 64
     tok = pipeline.tokenizer
     assert [pipeline.marks.bos, pipeline.marks.eos, pipeline.marks.start_of_image, pipeline.marks.end_of_image] == [
         tok.convert_tokens_to_ids(t) for t in ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>")]
@@ -175,12 +175,12 @@ def test_three_branches_on_1_2_3_ranks_same_pictures_at_same_threads_per_rank(fo
     (dict(think=True), "think mode"),
     (dict(num_inference_steps=1), "at least 2"),
     (dict(height=128, width=48), "between 4 and 64 px"),
-    (dict(guidance_scale=5.0), "do not apply to Bagel"),
+    (dict(guidance_scale=5.0), "guidance_scale applies to Wan only; Bagel does not take it"),
 ])
 def test_request_errors(pipeline, overrides, message):
     request = make_request(0, {"prompt": PROMPT}, params(**{**SIZE, **overrides}))
     with pytest.raises(RequestError, match=message):
-        pipeline.prepare(request, [0]) if "height" in overrides else pipeline.guidance(request)
+        pipeline.prepare(request, [0]) if "height" in overrides else pipeline.check(request)
 
 
 def test_cfg_parallel_size_4_is_refused(folder):

@@ -39,7 +39,7 @@ def test_cuda_needs_one_gpu_per_rank(folder):
 @needs_gpu
 def test_gpu_float32_matches_diffusers_on_gpu(folder):
     with Omni(str(folder), device="cuda", dtype="float32", progress_bar=False) as engine:
-        assert engine.model_info["device"] == "cuda:0"
+        assert engine.model_info.device == "cuda:0"
         (out,) = engine.generate(PROMPT, params())
     assert min(out.metrics.peak_memory_mb) > 0  # one figure per rank
     ref = diffusers_pipeline(folder, edit=False).to("cuda")(
@@ -52,7 +52,7 @@ def test_gpu_float32_matches_diffusers_on_gpu(folder):
 @needs_gpu
 def test_gpu_default_is_bf16(folder):
     with Omni(str(folder), progress_bar=False) as engine:
-        assert (engine.model_info["device"], engine.model_info["dtype"]) == ("cuda:0", "bfloat16")
+        assert (engine.model_info.device, engine.model_info.dtype) == ("cuda:0", "bfloat16")
         (out,) = engine.generate(PROMPT, params())
     assert out.images[0].size == (64, 64)
 

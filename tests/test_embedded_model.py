@@ -45,7 +45,7 @@ def test_classifier_reads_ground_truth():
 # image-unconditional branch trained by dropping the input picture). 85% and 90% on these 20.
 @pytest.mark.parametrize("image_guidance_scale", [None, 1.5])
 def test_held_out_edits_with_cfg(edit_engine, image_guidance_scale):
-    assert edit_engine.model_info["task"] == "edit"
+    assert edit_engine.model_info.task == "edit"
     report = evaluate.evaluate(n=SAMPLE, cfg_scales=(4.0,), steps=20, omni=edit_engine,
                                image_guidance_scale=image_guidance_scale)[4.0]
     failures = [f"{r['edit'].instruction!r} on {r['edit'].source.key}: got {r['found']}"
@@ -79,7 +79,7 @@ def test_text_to_image_folder():
     assert (TEXT_TO_IMAGE_MODEL / "transformer").is_symlink(), "shapes-t2i should link into shapes-edit"
     scene = shapes.Scene("square", "blue", "large", 0, 1, "black")
     with omni(TEXT_TO_IMAGE_MODEL, 2) as engine:
-        assert engine.model_info["task"] == "text-to-image"
+        assert engine.model_info.task == "text-to-image"
         (out,) = engine.generate({"prompt": shapes.caption(scene), "negative_prompt": NEG},
                                  OmniDiffusionSamplingParams(true_cfg_scale=4.0, num_inference_steps=20, seed=0))
     assert out.images[0].size == (shapes.RESOLUTION, shapes.RESOLUTION)

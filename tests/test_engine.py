@@ -9,7 +9,7 @@ import pytest
 
 from cfgpar import DiffusionParallelConfig, Omni, OmniDiffusionSamplingParams
 from cfgpar.engine.engine import EngineError
-from cfgpar.pipelines.base import RequestError
+from cfgpar.models.pipeline import RequestError
 from conftest import child_pids
 
 PROMPT = {"prompt": "a red circle", "negative_prompt": "blurry"}

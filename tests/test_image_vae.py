@@ -3,7 +3,7 @@ import copy
 import torch
 from diffusers import AutoencoderKLQwenImage
 
-from cfgpar.models.image_vae import use_2d_convs_for_images
+from cfgpar.models.qwen_image.image_vae import use_2d_convs_for_images
 
 
 def test_2d_image_path_matches_the_video_vae():

@@ -8,7 +8,7 @@ from PIL import Image
 
 from cfgpar import DiffusionParallelConfig, Omni, OmniDiffusionSamplingParams
 from cfgpar.models.loader import ModelLoadError
-from cfgpar.pipelines.base import RequestError
+from cfgpar.models.pipeline import RequestError
 from cfgpar.testing.reference import diffusers_pipeline
 from cfgpar.testing.tiny_models import write_tiny_qwen_image
 
@@ -118,7 +118,7 @@ def test_pipeline_checks_requests(t2i_folder, edit_folder, input_image):
         with pytest.raises(RequestError, match="needs multi_modal_data"):
             engine.generate({"prompt": "x"}, OmniDiffusionSamplingParams(num_inference_steps=1, seed=0))
     with omni(t2i_folder, 1) as engine:
-        with pytest.raises(RequestError, match="image-edit models only"):
+        with pytest.raises(RequestError, match="image_guidance_scale applies to Bagel and Qwen-Image-Edit only; Qwen-Image does not take it"):
             engine.generate("x", OmniDiffusionSamplingParams(num_inference_steps=1, image_guidance_scale=2.0))
         with pytest.raises(RequestError, match="num_inference_steps must be at least 2 for this model"):
             engine.generate("x", OmniDiffusionSamplingParams(num_inference_steps=1, seed=0))

@@ -7,7 +7,7 @@ What is asserted, and why:
   row the same bits at another row count (MKL's AVX2 sgemm gives rows of a 70-row product other
   bits than the same rows in a 36-row one); ring attention merges R partial softmaxes by
   log-sum-exp, which rounds otherwise than one softmax. Wan's tokens are sharded inside the
-  transformer (sp_wan.py), the same way.
+  transformer (models/wan/parallelize.py), the same way.
 - CFG-Parallel on top of a sequence-parallel layout changes nothing: cfg 2 and 3 are bit for
   bit cfg 1 at the same Ulysses and ring degrees, for every guided request of every model. Each
   branch meets the same per-rank shapes and the same collectives either way. (Without guidance,
@@ -21,7 +21,8 @@ from PIL import Image
 
 from cfgpar import DiffusionParallelConfig, Omni, OmniDiffusionSamplingParams
 from cfgpar.distributed.mesh import ParallelMesh
-from cfgpar.distributed.sequence_parallel import QwenImageSequenceParallel, SequenceShards, shard_index
+from cfgpar.distributed.sequence_parallel import SequenceShards, shard_index
+from cfgpar.models.qwen_image.parallelize import QwenImageSequenceParallel
 from cfgpar.models.embedded import EDIT_MODEL
 from cfgpar.omni import make_request
 from cfgpar.testing.tiny_models import write_tiny_qwen_image
@@ -160,7 +161,7 @@ def test_engine_serves_a_ulysses_layout_and_a_killed_rank_fails_the_request_with
 
     prompt = {"prompt": "a blue square on the left", "negative_prompt": NEG}
     with Omni(str(t2i_folder), DiffusionParallelConfig(ulysses_degree=2), threads_per_rank=1, progress_bar=False) as omni:
-        assert omni.model_info["layout"] == "2 ranks: ulysses 2"
+        assert omni.model_info.layout == "2 ranks: ulysses 2"
         (out,) = omni.generate(prompt, T2I)
         reference = run_layout(_degrees(1, 1, 1), [(t2i_folder, [make_request(0, prompt, T2I)])])[0][0]
         assert np.array_equal(np.asarray(out.images[0], dtype=np.int16), reference[0])

@@ -21,14 +21,14 @@ import pytest
 from PIL import Image
 from test_server import Server
 
-from cfgpar.engine.request import StageMetrics
+from cfgpar.request import StageMetrics
 from cfgpar.inputs.data import OmniDiffusionSamplingParams
 from cfgpar.outputs import OmniRequestOutput
 from cfgpar.server.errors import ServeError
 from cfgpar.server.metrics import Metrics
 from cfgpar.server.video_store import VideoRecord, VideoStore
 from cfgpar.server.videos import nearest_allowed
-from cfgpar.server.worker import Job
+from cfgpar.server.engine_thread import Job
 from cfgpar.testing.tiny_wan import write_tiny_wan
 from cfgpar.video_io import mp4_bytes, read_mp4
 

@@ -9,13 +9,13 @@ import time
 import pytest
 
 from cfgpar.engine.engine import EngineError
-from cfgpar.engine.request import StageMetrics
+from cfgpar.request import StageMetrics
 from cfgpar.inputs.data import OmniDiffusionSamplingParams
 from cfgpar.outputs import OmniRequestOutput
-from cfgpar.pipelines.base import RequestError
+from cfgpar.models.pipeline import RequestError
 from cfgpar.server.errors import ServeError
 from cfgpar.server.metrics import Metrics
-from cfgpar.server.worker import FAILED, READY, EngineWorker, Job
+from cfgpar.server.engine_thread import FAILED, READY, EngineWorker, Job
 
 PARAMS = OmniDiffusionSamplingParams(num_inference_steps=1)
 

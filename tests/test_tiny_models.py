@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cfgpar.models.qwen_vl_processor import QwenVLProcessor
+from cfgpar.models.qwen_image.vl_processor import QwenVLProcessor
 from cfgpar.testing.tiny_models import (
     EDIT_DROP_TOKENS,
     EDIT_PROMPT_TEMPLATE,

@@ -45,7 +45,7 @@ def test_trained_folder_loads_and_edits(two_runs):
     assert (two_runs[0] / "shapes-t2i" / "transformer").is_symlink()
     with Omni(str(edit_folder), DiffusionParallelConfig(cfg_parallel_size=1), threads_per_rank=1,
               progress_bar=False) as engine:
-        assert engine.model_info["task"] == "edit"
+        assert engine.model_info.task == "edit"
         (out,) = engine.generate(
             {"prompt": "make it blue", "negative_prompt": "low quality, blurry",
              "multi_modal_data": {"image": Image.new("RGB", (64, 64), (200, 30, 30))}},

@@ -14,7 +14,7 @@ from cfgpar import DiffusionParallelConfig, Omni, OmniDiffusionSamplingParams
 from cfgpar.distributed.mesh import ParallelMesh, RendezvousInfo, join, leave, serve_rendezvous
 from cfgpar.distributed.vae_patch import band_rows, bands_needed, halo_rows, parallel_band_decode
 from cfgpar.engine.engine import main_module_hidden
-from cfgpar.models.image_vae import use_2d_convs_for_images
+from cfgpar.models.qwen_image.image_vae import use_2d_convs_for_images
 from cfgpar.testing.tiny_models import write_tiny_qwen_image
 
 SIDE = 320  # px: 40 latent rows, in bands of 32 (one 256 px tile) and 8

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from cfgpar import DiffusionParallelConfig, Omni, OmniDiffusionSamplingParams
-from cfgpar.pipelines.base import RequestError
+from cfgpar.models.pipeline import RequestError
 from cfgpar.testing.tiny_wan import write_tiny_wan
 from cfgpar.omni import make_request
 from cfgpar.video_io import mp4_bytes, read_mp4
@@ -135,7 +135,7 @@ def test_requests_a_model_cannot_serve_get_one_sentence_and_the_engine_goes_on(f
     with Omni(str(folders["t2v"]), DiffusionParallelConfig(cfg_parallel_size=2), threads_per_rank=1,
               progress_bar=False) as omni:
         info = omni.model_info
-        assert (info["task"], info["output"], info["frame_unit"], info["default_fps"]) == ("text-to-video", "video", 4, 16)
+        assert (info.task, info.output_kind, info.frame_unit, info.default_fps) == ("text-to-video", "video", 4, 16)
         with pytest.raises(RequestError, match=r"num_frames must be 4k \+ 1 .* got 10, the nearest allowed are 9 and 13"):
             omni.generate(prompt(None), params("t2v", num_frames=10))
         with pytest.raises(RequestError, match="multiples of 16 px for this model, got 72x40"):
@@ -144,7 +144,7 @@ def test_requests_a_model_cannot_serve_get_one_sentence_and_the_engine_goes_on(f
             omni.generate(prompt(first_frame), params("t2v"))
         with pytest.raises(RequestError, match="guidance_scale_2 applies to two-expert models"):
             omni.generate(prompt(None), params("t2v", guidance_scale_2=2.0))
-        with pytest.raises(RequestError, match="image_guidance_scale applies to image-edit models"):
+        with pytest.raises(RequestError, match="image_guidance_scale applies to Bagel and Qwen-Image-Edit only; Wan does not take it"):
             omni.generate(prompt(None), params("t2v", image_guidance_scale=2.0))
         steps = []
         (out,) = omni.generate(prompt(None), params("t2v", num_inference_steps=3, fps=12),
@@ -161,14 +161,14 @@ def test_image_models_refuse_video_parameters_and_video_models_refuse_vae_sharin
         Omni(str(folders["t2v"]), DiffusionParallelConfig(cfg_parallel_size=2, vae_patch_parallel_size=2))
     t2i = write_tiny_qwen_image(tmp_path / "t2i", edit=False)
     with Omni(str(t2i), DiffusionParallelConfig(cfg_parallel_size=1), threads_per_rank=1, progress_bar=False) as omni:
-        with pytest.raises(RequestError, match="num_frames, fps apply to video models; this is an image model"):
+        with pytest.raises(RequestError, match="num_frames, fps apply to Wan only; Qwen-Image does not take them"):
             omni.generate("a square", OmniDiffusionSamplingParams(num_frames=9, fps=8, height=32, width=32))
 
 
 def test_image_to_video_needs_its_image(folders):
     with Omni(str(folders["i2v-a14b"]), DiffusionParallelConfig(cfg_parallel_size=1), threads_per_rank=1,
               progress_bar=False) as omni:
-        assert omni.model_info["task"] == "image-to-video" and omni.model_info["experts"] == 2
+        assert omni.model_info.task == "image-to-video" and omni.model_info.experts == 2
         with pytest.raises(RequestError, match="image-to-video model: the prompt needs multi_modal_data"):
             omni.generate(prompt(None), params("i2v-a14b"))
 

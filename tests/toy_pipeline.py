@@ -19,7 +19,7 @@ from PIL import Image
 
 from cfgpar.guidance import Branch, Guidance, cfg, dual_cfg, make_combine, unguided
 from cfgpar.models.registry import PipelineFacts
-from cfgpar.pipelines.base import DiffusionPipeline, Plan, RequestError
+from cfgpar.models.pipeline import DiffusionPipeline, RequestState, RequestError
 
 TOKENS, CHANNELS, SIDE = 16, 8, 4  # 16 tokens = a 4x4 image of 8-channel latents
 
@@ -67,7 +67,7 @@ class ToyPipeline(DiffusionPipeline):
         noise = torch.randn(request.params.num_outputs_per_prompt, TOKENS, CHANNELS, generator=g)
         steps = request.params.num_inference_steps
         self.step_index = 0
-        return Plan(noise[rows].to(self.w), torch.linspace(1000, 1000 / steps, steps))
+        return RequestState(noise[rows].to(self.w), torch.linspace(1000, 1000 / steps, steps))
 
     def encode(self, request, branch, plan):
         return _embed(branch.prompt, branch.use_image).to(self.w)

@@ -280,13 +280,13 @@ def new_transformer(cfg: Config):
 
 
 def load_pipeline(folder: Path):
-    from cfgpar.pipelines.qwen_image_edit import QwenImageEditPipeline
+    from cfgpar.models.qwen_image.edit import QwenImageEditPipeline
 
     return QwenImageEditPipeline.from_pretrained(folder, device=torch.device("cpu"), dtype=torch.float32)
 
 
 def _request(prompt: str, image, negative: str | None = None):
-    from cfgpar.engine.request import GenerationRequest
+    from cfgpar.request import GenerationRequest
     from cfgpar.inputs.data import OmniDiffusionSamplingParams
 
     return GenerationRequest(0, prompt, negative, image, OmniDiffusionSamplingParams(), 0)
@@ -312,7 +312,7 @@ def object_tokens(image, background: str, unit: int) -> torch.Tensor:
 def build_cache(folder: Path, cfg: Config) -> dict:
     """Everything the transformer is trained on, computed by cfgpar's pipeline code."""
     from cfgpar.guidance import Branch
-    from cfgpar.pipelines.base import Plan
+    from cfgpar.models.pipeline import Plan
 
     pipe = load_pipeline(folder)
     side = cfg.resolution
@@ -449,7 +449,7 @@ def train_transformer(cache: dict, cfg: Config, init=None, phase: int = 1):
     """Phase 1 from scratch (adaLN-zero), or phase 2 from `init`'s weights; returns the EMA model."""
     steps, lr_max, sigma_mean = (cfg.steps, cfg.lr, cfg.sigma_mean) if phase == 1 else (
         cfg.finetune_steps, cfg.finetune_lr, cfg.finetune_sigma_mean)
-    from cfgpar.pipelines.qwen_image import calculate_shift
+    from cfgpar.models.qwen_image.pipeline import calculate_shift
     from cfgpar.testing.tiny_models import QWEN_IMAGE_SCHEDULER_CONFIG as S
 
     grid = cache["grid"]

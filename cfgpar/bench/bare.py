@@ -118,7 +118,7 @@ def _rank_main(spec: BareSpec, rank: int, rendezvous: RendezvousInfo, conn) -> N
 
 def _setup(spec: BareSpec, rank: int, rendezvous: RendezvousInfo):
     """Load the model, build this rank's branches' inputs; return the timed loop."""
-    from cfgpar.engine.worker import quiet_libraries
+    from cfgpar.engine.rank import quiet_libraries
     from cfgpar.models.loader import import_pipeline, pipeline_path
     from cfgpar.omni import make_request
 

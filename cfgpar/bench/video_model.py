@@ -6,7 +6,7 @@ has L = F (H/P) (W/P) video tokens: F = (frames - 1)/4 + 1 latent frames, P = VA
 padded to 512 tokens, + 257 CLIP tokens for Wan 2.1 I2V: K context tokens in all) is never in the
 self-attention: each block is self-attention over the video tokens, cross-attention of the video
 queries against the K context keys, and the MLP. Sequence parallelism shards the video tokens
-inside the transformer (distributed/sp_wan.py); the patch embedding and output projection run
+inside the transformer (models/wan/parallelize.py); the patch embedding and output projection run
 whole on every rank. With d = heads x head_dim, f = ffn_dim, s = u*r, b = 2 bytes, per block, on
 one rank, one forward of one branch:
 
@@ -49,7 +49,7 @@ from cfgpar.bench.layout_model import (
 TEXT_TOKENS = 512  # UMT5 context, padded to max_sequence_length (diffusers' WanPipeline default)
 CLIP_TOKENS = 257  # Wan 2.1 I2V: CLIP ViT-H/14 penultimate states, 16x16 patches + the class token
 TEMPORAL = 4  # both Wan VAEs: 4 frames to a latent frame, after the first
-DEFAULT_SIZE = (832, 480)  # cfgpar.pipelines.wan: WIDTH x HEIGHT when the request names none
+DEFAULT_SIZE = (832, 480)  # cfgpar.models.wan.pipeline: WIDTH x HEIGHT when the request names none
 DEFAULT_FRAMES = 81
 DEFAULT_STEPS = 40  # `cfgpar video`'s default, and Wan 2.2's recommended
 
@@ -177,7 +177,7 @@ def forward_flops(shape: WanShape, tokens: int, layout: Layout) -> float:
     linear = 2 * (6 * d * d + 2 * d * f) * L / s + 4 * d * d * k
     attention = 4 * (L / r) * L * d / u + 4 * (L / s) * k * d
     patch = math.prod(shape.patch)
-    embed = 2 * L * patch * d * (shape.in_channels + shape.out_channels)  # whole on every rank (sp_wan.py)
+    embed = 2 * L * patch * d * (shape.in_channels + shape.out_channels)  # whole on every rank (models/wan/parallelize.py)
     embed += 2 * TEXT_TOKENS * (shape.text_dim * d + d * d)  # text_embedder: text_dim -> d -> d
     if shape.image_dim:
         embed += 2 * CLIP_TOKENS * (shape.image_dim * d + d * d)

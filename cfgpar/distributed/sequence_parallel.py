@@ -1,4 +1,4 @@
-"""Sequence parallelism (Ulysses x Ring), applied to a transformer from outside.
+"""Sequence parallelism (Ulysses x Ring): the token sharding rule both halves share.
 
 The image tokens of a branch are split along the sequence over its sp ranks (the ring x ulysses
 ranks of distributed/mesh.py). A forward sees one or more image segments, one per entry of
@@ -11,11 +11,11 @@ attention drops padded keys (sp_attention.py) and `gather` drops padded rows.
 Two halves, one rule (`shard_index`):
 - the loop's: `SequenceShards.shard` cuts the latents (and a plan's per-token inputs) once per
   request; the scheduler and the combine run on the shard; `gather` rebuilds the full latents.
-- the model's: `parallelize` hooks a pipeline's QwenImageTransformer2DModel (torchtitan's way:
-  no model code changes) so that a forward on a shard slices the rotary positions and the
-  per-token modulation index to the shard and runs its attention over the group.
-  Wan's video latents are not packed tokens: the loop keeps them whole and sp_wan.py's hooks
-  shard the tokens inside the transformer and gather them before its output projection.
+- the model's: each family's `parallelize` (cfgpar/models/<family>/parallelize.py) hooks its
+  transformer from outside (torchtitan's way: no model code changes) so that a forward on a shard
+  indexes its per-token inputs with `token_layout(...).rows` and runs its attention over the group
+  (sp_attention.py). A family whose latents are not packed tokens (Wan's video) keeps them whole
+  in the loop and shards the tokens inside its transformer.
 
 diffusers 0.42's own context parallelism (enable_parallelism with its _cp_plan) was tried first;
 docs/parallelism.md says what it does on gloo and why this module exists instead.
@@ -24,13 +24,12 @@ docs/parallelism.md says what it does on gloo and why this module exists instead
 from __future__ import annotations
 
 from dataclasses import dataclass
-from math import prod
 
 import torch
 import torch.distributed as dist
 
 from cfgpar.distributed.mesh import ParallelMesh, all_gather_slots
-from cfgpar.distributed.sp_attention import KeyBlocks, sp_attention
+from cfgpar.distributed.sp_attention import KeyBlocks
 
 
 def shard_positions(length: int, parts: int, part: int) -> torch.Tensor:
@@ -88,15 +87,15 @@ class SequenceShards:
 # ---- the model's half ----------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class _Layout:
-    """Where this rank's tokens sit, for one set of segment lengths."""
+class TokenLayout:
+    """Where this rank's tokens sit, for one set of segment lengths (what a model's hooks index with)."""
 
     rows: torch.Tensor
     """[N] positions in the concatenated segments of this rank's tokens (padding repeats)."""
     blocks: KeyBlocks
 
 
-def _layout(segments: tuple[int, ...], ulysses: int, ring: int, sp_rank: int, device) -> _Layout:
+def token_layout(segments: tuple[int, ...], ulysses: int, ring: int, sp_rank: int, device) -> TokenLayout:
     parts, offsets = ulysses * ring, [0]
     for length in segments[:-1]:
         offsets.append(offsets[-1] + length)
@@ -114,103 +113,4 @@ def _layout(segments: tuple[int, ...], ulysses: int, ring: int, sp_rank: int, de
         keep.append(None if identity else order.to(device))
         empty.append(len(order) == 0)
     rows = torch.cat([shard_index(n, parts, sp_rank) + o for n, o in zip(segments, offsets)])
-    return _Layout(rows.to(device), KeyBlocks(tuple(keep), tuple(empty)))
-
-
-def parallelize(pipeline, mesh: ParallelMesh) -> None:
-    """Apply this rank's sequence parallelism to the pipeline's transformer (no-op without SP)."""
-    if mesh.sp_size == 1:
-        return
-    from diffusers import QwenImageTransformer2DModel, WanTransformer3DModel
-
-    from cfgpar.distributed.sp_wan import WanSequenceParallel
-
-    transformer = getattr(pipeline, "transformer", None)
-    if isinstance(transformer, QwenImageTransformer2DModel):
-        QwenImageSequenceParallel(transformer, mesh)
-    elif isinstance(transformer, WanTransformer3DModel):
-        for expert in (transformer, getattr(pipeline, "transformer_2", None)):
-            if expert is not None:
-                WanSequenceParallel(expert, mesh)
-    else:
-        raise ValueError("sequence parallelism (ulysses_degree, ring_degree > 1) supports QwenImageTransformer2DModel "
-                         f"and WanTransformer3DModel; this model's transformer is {type(transformer).__name__}: use "
-                         "ulysses_degree=ring_degree=1.")
-
-
-class QwenImageSequenceParallel:
-    """Hooks that make a QwenImageTransformer2DModel's forward run on this rank's token shard.
-
-    The pipeline calls the model as before, with its shard as hidden_states and the full
-    img_shapes; the hooks slice what the model derives from img_shapes (rotary positions, the
-    zero_cond_t modulation index) to the shard, and every block's attention runs sp_attention."""
-
-    def __init__(self, transformer, mesh: ParallelMesh):
-        config = transformer.config
-        check_ulysses_degree(config.num_attention_heads, mesh.size("ulysses"))
-        self.mesh = mesh
-        self.groups = mesh.sequence
-        self._layouts: dict[tuple[int, ...], _Layout] = {}
-        self.layout: _Layout | None = None
-        self._handles = [
-            transformer.register_forward_pre_hook(self._begin, with_kwargs=True),
-            transformer.pos_embed.register_forward_hook(self._shard_rotary),
-        ]
-        for block in transformer.transformer_blocks:
-            self._handles.append(block.register_forward_pre_hook(self._shard_modulation, with_kwargs=True))
-            block.attn.set_processor(SequenceParallelAttnProcessor(self))
-
-    def _begin(self, module, args, kwargs):
-        img_shapes = kwargs["img_shapes"]
-        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        segments = tuple(prod(shape) for shape in img_shapes[0])
-        if segments not in self._layouts:
-            self._layouts[segments] = _layout(segments, self.groups.ulysses_size, self.groups.ring_size,
-                                              self.mesh.sp_rank, hidden.device)
-        self.layout = self._layouts[segments]
-        if hidden.shape[1] != len(self.layout.rows):
-            raise RuntimeError(f"sequence parallelism expected this rank's shard of {len(self.layout.rows)} image "
-                               f"tokens (segments {segments}), got {hidden.shape[1]}.")
-
-    def _shard_rotary(self, module, args, output):
-        img_freqs, txt_freqs = output
-        return img_freqs.index_select(0, self.layout.rows), txt_freqs
-
-    def _shard_modulation(self, module, args, kwargs):
-        index = kwargs.get("modulate_index")
-        if index is not None:
-            kwargs["modulate_index"] = index.index_select(1, self.layout.rows)
-        return args, kwargs
-
-
-class SequenceParallelAttnProcessor:
-    """QwenDoubleStreamAttnProcessor2_0's computation, with the attention itself over the group."""
-
-    def __init__(self, sp: QwenImageSequenceParallel):
-        self.sp = sp
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, encoder_hidden_states_mask=None,
-                 attention_mask=None, image_rotary_emb=None):
-        from diffusers.models.transformers.transformer_qwenimage import apply_rotary_emb_qwen
-
-        if encoder_hidden_states_mask is not None or attention_mask is not None:
-            raise ValueError("sequence parallelism runs without text padding masks (one prompt per forward).")
-        head_dim = attn.inner_dim // attn.heads
-        img = [proj(hidden_states).unflatten(-1, (-1, head_dim)) for proj in (attn.to_q, attn.to_k, attn.to_v)]
-        txt = [proj(encoder_hidden_states).unflatten(-1, (-1, head_dim))
-               for proj in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)]
-        for i, (img_norm, txt_norm) in enumerate(((attn.norm_q, attn.norm_added_q), (attn.norm_k, attn.norm_added_k))):
-            if img_norm is not None:
-                img[i] = img_norm(img[i])
-            if txt_norm is not None:
-                txt[i] = txt_norm(txt[i])
-        if image_rotary_emb is not None:
-            img_freqs, txt_freqs = image_rotary_emb
-            for i in (0, 1):
-                img[i] = apply_rotary_emb_qwen(img[i], img_freqs, use_real=False)
-                txt[i] = apply_rotary_emb_qwen(txt[i], txt_freqs, use_real=False)
-        txt_out, img_out = sp_attention(*txt, *img, self.sp.layout.blocks, self.sp.groups)
-        img_out = attn.to_out[0](img_out.flatten(2, 3).to(img[0].dtype).contiguous())
-        if len(attn.to_out) > 1:
-            img_out = attn.to_out[1](img_out)
-        return img_out, attn.to_add_out(txt_out.flatten(2, 3).to(txt[0].dtype).contiguous())
+    return TokenLayout(rows.to(device), KeyBlocks(tuple(keep), tuple(empty)))

@@ -28,11 +28,11 @@ from tqdm.auto import tqdm
 from cfgpar.distributed.mesh import ParallelMesh, all_gather_slots
 from cfgpar.distributed.sequence_parallel import SequenceShards
 from cfgpar.distributed.vae_patch import bands_needed, parallel_band_decode
-from cfgpar.engine.request import GenerationRequest, GenerationResult, StageMetrics
+from cfgpar.request import GenerationRequest, GenerationResult, StageMetrics
 from cfgpar.guidance import branches_of_rank, gathered_index, slots_per_rank, split_outputs
 
 if TYPE_CHECKING:  # the engine runs pipelines; it does not import them
-    from cfgpar.pipelines.base import DiffusionPipeline
+    from cfgpar.models.pipeline import DiffusionPipeline
 
 logger = logging.getLogger("cfgpar")
 
@@ -46,6 +46,7 @@ def generate(
 ) -> GenerationResult | None:
     """Run one request on this rank; rank 0 returns the images, the other ranks None.
     `progress` shows a bar on rank 0; `on_step(done, total)` is called after each step."""
+    pipeline.check(request)
     guidance = pipeline.guidance(request)
     steps = _Steps(progress and mesh.rank == 0, on_step)
     if len(guidance.branches) == 1:
@@ -124,7 +125,7 @@ def _generate_split(pipeline, request, mesh, steps) -> GenerationResult | None:
 
 def _loop_shards(pipeline, mesh) -> SequenceShards:
     """The loop holds a shard of packed token latents; a pipeline whose latents are not tokens
-    ([B, C, F, H, W] video) keeps them whole and its model shards inside (distributed/sequence_parallel.py)."""
+    ([B, C, F, H, W] video) keeps them whole and its model shards inside (its family's parallelize)."""
     return SequenceShards.of(mesh) if pipeline.shards_tokens else SequenceShards.whole()
 
 
@@ -144,10 +145,10 @@ def _decode(pipeline, plan, latents, mesh, metrics) -> GenerationResult | None:
 
 
 def _shared_decode_input(pipeline, plan, latents, mesh) -> torch.Tensor | None:
-    """The VAE's input on the ranks that share the decode: vae_size > 1, a pipeline with a VAE,
-    and a one-frame output of more than one band (taller than one VAE tile); None elsewhere. The
+    """The VAE's input on the ranks that share the decode: vae_size > 1, a pipeline that shares
+    its VAE decode, and a one-frame output of more than one band (taller than one VAE tile); None elsewhere. The
     same answer on every sharing rank: they hold the same latents."""
-    if mesh.vae_size == 1 or pipeline.vae is None or mesh.rank >= mesh.vae_size:
+    if mesh.vae_size == 1 or not pipeline.shares_vae_decode or mesh.rank >= mesh.vae_size:
         return None
     z = pipeline.vae_latents(plan, latents)
     return z if z.shape[2] == 1 and bands_needed(pipeline.vae, z) else None

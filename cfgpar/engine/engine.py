@@ -24,11 +24,12 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from cfgpar.diffusion.data import DiffusionParallelConfig
+from cfgpar.config import DiffusionParallelConfig
 from cfgpar.distributed.mesh import RendezvousInfo, serve_rendezvous
-from cfgpar.engine.request import GenerationRequest, GenerationResult, RequestError
+from cfgpar.request import GenerationRequest, GenerationResult, RequestError
 from cfgpar.engine.watchdog import Board, WatchdogConfig, find_hung
-from cfgpar.engine.worker import WorkerSpec, worker_main
+from cfgpar.engine.rank import WorkerSpec, worker_main
+from cfgpar.models.info import ModelInfo
 
 logger = logging.getLogger("cfgpar")
 
@@ -111,8 +112,8 @@ class Engine:
         self._failure: EngineError | None = None
         self._stop_asked = False
         self._lock = threading.Lock()
-        self.model_info: dict = {}
-        """What rank 0 reported once loaded: task, max_branches, size_unit, default_size, device."""
+        self.model_info: ModelInfo | None = None
+        """What rank 0 reported once loaded (models/info.py)."""
         self.startup: dict[str, float] = {}
         """Seconds of each start-up stage: spawn (process start and imports of the rank's entry),
         import_torch, join (rendezvous and groups), import_model_code, load (weights and
@@ -146,7 +147,7 @@ class Engine:
         except EngineError:
             self.close()
             raise
-        self.model_info = {k: v for k, v in replies[0][1].items() if k not in ("pid", "startup")}
+        self.model_info = replies[0][1]["info"]
         stages = [info["startup"] for _, info in replies]
         self.startup = {stage: max(s[stage] for s in stages) for stage in stages[0]}
         self.startup["total_s"] = time.perf_counter() - began

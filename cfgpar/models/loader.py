@@ -5,15 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from cfgpar.models.registry import BAGEL, PIPELINES, import_pipeline  # noqa: F401  (import_pipeline: re-exported)
-
-BAGEL_PIPELINE = BAGEL.pipeline
-# A Bagel folder (ByteDance-Seed/BAGEL-7B-MoT) has no model_index.json: these files say what it is.
-BAGEL_FILES = ("llm_config.json", "vit_config.json", "ema.safetensors", "ae.safetensors")
-
-
-class ModelLoadError(ValueError):
-    """The model name cannot be turned into a folder cfgpar can serve."""
+from cfgpar.models.registry import PIPELINES, recognised
+from cfgpar.models.spec import ModelLoadError, ModelSpec
 
 
 def resolve_model(name: str | Path) -> Path:
@@ -21,8 +14,8 @@ def resolve_model(name: str | Path) -> Path:
     with huggingface_hub. Returns the folder."""
     path = Path(name).expanduser()
     if path.is_dir():
-        if is_bagel(path):
-            _check_bagel(path)
+        if recognised(path):
+            _check_files(path, recognised(path))
             return path.resolve()
         if not (path / "model_index.json").is_file():
             raise ModelLoadError(
@@ -37,8 +30,8 @@ def resolve_model(name: str | Path) -> Path:
             f"model {str(name)!r} is neither a model folder nor a hub repo id like 'Qwen/Qwen-Image-Edit'."
         )
     folder = fetch_from_hub(str(name))
-    if is_bagel(folder):
-        _check_bagel(folder)
+    if recognised(folder):
+        _check_files(folder, recognised(folder))
     return folder
 
 
@@ -82,25 +75,21 @@ def hub_reachable() -> bool:
     return True
 
 
-def is_bagel(folder: Path) -> bool:
-    """A folder laid out like ByteDance-Seed/BAGEL-7B-MoT (its llm_config.json says so)."""
-    return not (folder / "model_index.json").exists() and (folder / "llm_config.json").is_file()
-
-
-def _check_bagel(folder: Path) -> None:
-    missing = [name for name in BAGEL_FILES if not (folder / name).is_file()]
+def _check_files(folder: Path, spec: ModelSpec) -> None:
+    missing = [name for name in spec.marker_files if not (folder / name).is_file()]
     if missing:
-        raise ModelLoadError(f"Bagel folder {str(folder)!r} lacks {', '.join(missing)}; a BAGEL-7B-MoT folder holds "
-                             f"{', '.join(BAGEL_FILES)} and the Qwen2 tokenizer files.")
+        raise ModelLoadError(f"{spec.title} folder {str(folder)!r} lacks {', '.join(missing)}; such a folder holds "
+                             f"{', '.join(spec.marker_files)} (and its tokenizer files).")
 
 
 def pipeline_path(folder: Path) -> str:
     """The "module:Class" of the pipeline for a model folder, from model_index.json's `_class_name`.
 
-    A `_class_name` of the form "package.module:Class" names a custom pipeline directly.
-    A Bagel folder has no model_index.json and is served by the Bagel pipeline."""
-    if is_bagel(Path(folder)):
-        return BAGEL_PIPELINE
+    A `_class_name` of the form "package.module:Class" names a custom pipeline directly. A folder
+    without model_index.json whose files say which family it is (Bagel's) is that family's."""
+    spec = recognised(Path(folder))
+    if spec is not None:
+        return spec.pipeline
     try:
         class_name = json.loads((Path(folder) / "model_index.json").read_text())["_class_name"]
     except (OSError, ValueError, KeyError) as exc:

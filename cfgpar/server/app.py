@@ -30,13 +30,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
 from starlette.requests import ClientDisconnect
 
-from cfgpar.inputs.data import OmniDiffusionSamplingParams
+from cfgpar.params import OmniDiffusionSamplingParams
 from cfgpar.server.errors import ServeError, error_body
 from cfgpar.server.metrics import CONTENT_TYPE_LATEST, Metrics
 from cfgpar.server.validation import check_prompt, decode_image, parse_json_object, parse_size, validation_message
 from cfgpar.server.video_store import VideoStore
 from cfgpar.server.videos import add_video_routes
-from cfgpar.server.worker import READY, EngineWorker, Job
+from cfgpar.server.engine_thread import READY, EngineWorker, Job
 
 OUTPUT_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
 PUBLIC_PATHS = frozenset({"/", "/health"})

@@ -16,7 +16,8 @@ import signal
 import socket
 from pathlib import Path
 
-from cfgpar.cli_common import DEFAULT_NEGATIVE, CliError, add_layout_args, parallel_config
+from cfgpar.params import DEFAULT_NEGATIVE_PROMPT
+from cfgpar.cli_common import CliError, add_layout_args, parallel_config
 
 logger = logging.getLogger("cfgpar.server")
 
@@ -58,8 +59,8 @@ def add_serve_parser(subparsers) -> None:
                    help="MiB of finished MP4s kept in memory at most; the oldest are dropped first (default 1024)")
     p.add_argument("--default-steps", type=int, default=None,
                    help="num_inference_steps when a request has none (default: the model's: 20, Bagel 50)")
-    p.add_argument("--default-negative-prompt", default=DEFAULT_NEGATIVE,
-                   help=f"negative prompt when a request has none (default {DEFAULT_NEGATIVE!r})")
+    p.add_argument("--default-negative-prompt", default=DEFAULT_NEGATIVE_PROMPT,
+                   help=f"negative prompt when a request has none (default {DEFAULT_NEGATIVE_PROMPT!r})")
     p.add_argument("--shutdown-timeout", type=float, default=10.0,
                    help="seconds the request in flight may finish in at shutdown (default 10)")
     p.add_argument("--restart-attempts", type=int, default=3,
@@ -89,7 +90,7 @@ def run_serve(args) -> int:
     from cfgpar.omni import check_layout_fits
     from cfgpar.server.app import Server, ServerConfig, create_app
     from cfgpar.server.metrics import Metrics
-    from cfgpar.server.worker import EngineWorker
+    from cfgpar.server.engine_thread import EngineWorker
 
     _check_args(args, CliError)
     parallel = parallel_config(args)

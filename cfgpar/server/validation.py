@@ -9,7 +9,7 @@ import re
 
 from PIL import Image, UnidentifiedImageError
 
-from cfgpar.inputs.data import check_prompt_text
+from cfgpar.params import check_prompt_text
 from cfgpar.server.errors import ServeError
 
 

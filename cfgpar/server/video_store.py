@@ -22,7 +22,7 @@ from typing import Any
 
 from cfgpar.server.errors import ServeError
 from cfgpar.server.metrics import VIDEO_STATUSES, Metrics
-from cfgpar.server.worker import Job
+from cfgpar.server.engine_thread import Job
 
 logger = logging.getLogger("cfgpar.server")
 

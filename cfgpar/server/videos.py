@@ -26,12 +26,12 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException
 
-from cfgpar.inputs.data import MAX_FPS, OmniDiffusionSamplingParams, allowed_frames, frame_count_error
+from cfgpar.params import MAX_FPS, OmniDiffusionSamplingParams, allowed_frames, frame_count_error
 from cfgpar.server.errors import ServeError
 from cfgpar.server.validation import (check_prompt, check_size, decode_image, parse_json_object, parse_size,
                                       validation_message)
 from cfgpar.server.video_store import VideoRecord, VideoStore, new_video_id
-from cfgpar.server.worker import EngineWorker, Job
+from cfgpar.server.engine_thread import EngineWorker, Job
 
 if TYPE_CHECKING:
     from cfgpar.server.app import ServerConfig

@@ -6,6 +6,7 @@ norm-preserving true CFG), cut into the pieces the shared denoising loop drives.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -16,13 +17,14 @@ from diffusers.image_processor import VaeImageProcessor
 from PIL import Image
 from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
 
-from cfgpar.engine.request import GenerationRequest
+from cfgpar.request import GenerationRequest
+from cfgpar.models.info import ModelInfo
 from cfgpar.guidance import Branch, Guidance, make_combine, norm_preserving_cfg, unguided
-from cfgpar.models.image_vae import use_2d_convs_for_images
 from cfgpar.models.loader import model_options
-from cfgpar.inputs.data import BAGEL_PARAMS, VIDEO_PARAMS
-from cfgpar.models.registry import QWEN_IMAGE
-from cfgpar.pipelines.base import DiffusionPipeline, Plan, RequestError, refuse_params
+from cfgpar.models.pipeline import DiffusionPipeline, RequestState
+from cfgpar.models.qwen_image import QWEN_IMAGE
+from cfgpar.models.qwen_image.image_vae import use_2d_convs_for_images
+from cfgpar.models.qwen_image.rules import DEFAULT_LATENT_SIDE, rounded_size
 
 T2I_TEMPLATE = (
     "<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, text, "
@@ -55,6 +57,8 @@ def unpack_latents(latents: torch.Tensor, h: int, w: int) -> torch.Tensor:
 
 class QwenImagePipeline(DiffusionPipeline):
     facts = QWEN_IMAGE.facts
+    family = QWEN_IMAGE.family
+    shares_vae_decode = True
 
     def __init__(
         self, *, transformer, vae, text_encoder, tokenizer, scheduler, device: torch.device, dtype: torch.dtype,
@@ -70,7 +74,7 @@ class QwenImagePipeline(DiffusionPipeline):
         self.vae_scale_factor = 2 ** len(vae.config.temperal_downsample)
         self.unit = self.vae_scale_factor * 2  # pixels per latent token side (VAE stride x 2x2 packing)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.unit)
-        self.default_size = default_size or 128 * self.vae_scale_factor
+        self.default_size = default_size or DEFAULT_LATENT_SIDE * self.vae_scale_factor
 
     @classmethod
     def load_components(cls, folder: Path, *, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
@@ -88,28 +92,16 @@ class QwenImagePipeline(DiffusionPipeline):
     def from_pretrained(cls, folder: Path, *, device: torch.device, dtype: torch.dtype) -> "QwenImagePipeline":
         return cls(**cls.load_components(folder, device=device, dtype=dtype), device=device, dtype=dtype)
 
-    def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "size_unit": self.unit, "default_size": self.default_size}
+    def info(self) -> ModelInfo:
+        # A scheduler with shift_terminal stretches the schedule to end there; a one-step schedule
+        # has no span to stretch and comes out NaN (a black picture), in diffusers too.
+        min_steps = 2 if self.scheduler.config.get("shift_terminal") else 1
+        size = None if self.task == "edit" else (self.default_size, self.default_size)
+        return replace(super().info(), size_unit=self.unit, default_size=size, min_steps=min_steps)
 
     # ---- guidance ----------------------------------------------------------------------------
 
     def guidance(self, request: GenerationRequest) -> Guidance:
-        if request.image is not None:
-            raise RequestError("this is a text-to-image model: it takes no input image (drop multi_modal_data.image).")
-        if request.params.image_guidance_scale is not None:
-            raise RequestError("image_guidance_scale applies to image-edit models only; this model is text-to-image.")
-        return self._text_guidance(request)
-
-    def _text_guidance(self, request: GenerationRequest) -> Guidance:
-        refuse_params(request, VIDEO_PARAMS, "apply to video models; this is an image model (its CFG scale is "
-                      "true_cfg_scale).")
-        refuse_params(request, BAGEL_PARAMS, "apply to Bagel only; this model does not take them.")
-        terminal = self.scheduler.config.get("shift_terminal")
-        if terminal and request.params.num_inference_steps < 2:
-            # The scheduler stretches the schedule so that it ends at shift_terminal; a one-step
-            # schedule has no span to stretch and comes out NaN (a black picture), in diffusers too.
-            raise RequestError(f"num_inference_steps must be at least 2 for this model (its scheduler ends the "
-                               f"schedule at shift_terminal={terminal}), got {request.params.num_inference_steps}.")
         scale = request.params.true_cfg_scale
         positive = Branch("positive", request.prompt)
         if scale > 1 and request.negative_prompt is not None:
@@ -121,23 +113,17 @@ class QwenImagePipeline(DiffusionPipeline):
 
     def output_size(self, request: GenerationRequest) -> tuple[int, int]:
         """(height, width) in pixels, rounded down to the model's unit."""
-        height = request.params.height or self.default_size
-        width = request.params.width or self.default_size
-        return self._round_to_unit(height, width)
+        return rounded_size(self.unit, request.params.height or self.default_size,
+                            request.params.width or self.default_size)
 
-    def _round_to_unit(self, height: int, width: int) -> tuple[int, int]:
-        if height < self.unit or width < self.unit:
-            raise RequestError(f"height and width must be at least {self.unit} px, got {height}x{width}.")
-        return height // self.unit * self.unit, width // self.unit * self.unit
-
-    def prepare(self, request: GenerationRequest, rows: list[int]) -> Plan:
+    def prepare(self, request: GenerationRequest, rows: list[int]) -> RequestState:
         height, width = self.output_size(request)
         return self._plan(request, rows, height, width, img_shapes=[[self._token_grid(height, width)]])
 
     def _token_grid(self, height: int, width: int) -> tuple[int, int, int]:
         return (1, height // self.unit, width // self.unit)
 
-    def _plan(self, request, rows, height, width, **extras) -> Plan:
+    def _plan(self, request, rows, height, width, **extras) -> RequestState:
         lat_h, lat_w = 2 * (height // self.unit), 2 * (width // self.unit)
         channels = self.transformer.config.in_channels // 4
         total = request.params.num_outputs_per_prompt
@@ -147,7 +133,7 @@ class QwenImagePipeline(DiffusionPipeline):
         noise = torch.randn((total, 1, channels, lat_h, lat_w), generator=generator, dtype=self.dtype)
         latents = pack_latents(noise[rows, 0]).to(self.device)
         timesteps = self._set_timesteps(request.params.num_inference_steps, latents.shape[1])
-        return Plan(latents, timesteps, dict(height=height, width=width, **extras))
+        return RequestState(latents, timesteps, dict(height=height, width=width, **extras))
 
     def _set_timesteps(self, steps: int, image_seq_len: int) -> torch.Tensor:
         config = self.scheduler.config
@@ -166,7 +152,7 @@ class QwenImagePipeline(DiffusionPipeline):
     # ---- conditioning ------------------------------------------------------------------------
 
     @torch.no_grad()
-    def encode(self, request: GenerationRequest, branch: Branch, plan: Plan) -> dict[str, Any]:
+    def encode(self, request: GenerationRequest, branch: Branch, plan: RequestState) -> dict[str, Any]:
         tokens = self.tokenizer(
             [T2I_TEMPLATE.format(branch.prompt)], max_length=TOKENIZER_MAX_LENGTH + T2I_TEMPLATE_DROP,
             padding=True, truncation=True, return_tensors="pt",
@@ -184,14 +170,14 @@ class QwenImagePipeline(DiffusionPipeline):
         return hidden[drop:].unsqueeze(0).to(self.dtype)
 
     @staticmethod
-    def _repeat(embeds: torch.Tensor, plan: Plan, **extras) -> dict[str, Any]:
+    def _repeat(embeds: torch.Tensor, plan: RequestState, **extras) -> dict[str, Any]:
         batch = plan.latents.shape[0]
         return dict(embeds=embeds.repeat(batch, 1, 1), **extras)
 
     # ---- denoising ---------------------------------------------------------------------------
 
     @torch.no_grad()
-    def predict(self, plan: Plan, branch: Branch, cond: dict[str, Any], latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def predict(self, plan: RequestState, branch: Branch, cond: dict[str, Any], latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         timestep = t.expand(latents.shape[0]).to(latents.dtype)
         return self.transformer(
             hidden_states=latents,
@@ -206,10 +192,10 @@ class QwenImagePipeline(DiffusionPipeline):
         return self.scheduler.step(pred, t, latents, return_dict=False)[0]
 
     @torch.no_grad()
-    def decode(self, plan: Plan, latents: torch.Tensor) -> list[Image.Image]:
+    def decode(self, plan: RequestState, latents: torch.Tensor) -> list[Image.Image]:
         return self.to_images(plan, self.vae.decode(self.vae_latents(plan, latents), return_dict=False)[0])
 
-    def vae_latents(self, plan: Plan, latents: torch.Tensor) -> torch.Tensor:
+    def vae_latents(self, plan: RequestState, latents: torch.Tensor) -> torch.Tensor:
         """Packed latents [B, L, C] -> the VAE's input [B, z_dim, 1, h, w], de-normalised."""
         height, width = plan.extras["height"], plan.extras["width"]
         latents = unpack_latents(latents, 2 * (height // self.unit), 2 * (width // self.unit)).to(self.vae.dtype)
@@ -218,5 +204,5 @@ class QwenImagePipeline(DiffusionPipeline):
         inv_std = 1.0 / torch.tensor(self.vae.config.latents_std).view(1, z_dim, 1, 1, 1).to(latents)
         return latents / inv_std + mean
 
-    def to_images(self, plan: Plan, pixels: torch.Tensor) -> list[Image.Image]:
+    def to_images(self, plan: RequestState, pixels: torch.Tensor) -> list[Image.Image]:
         return self.image_processor.postprocess(pixels[:, :, 0], output_type="pil")

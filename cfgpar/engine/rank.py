@@ -1,7 +1,7 @@
 """One process per rank: join the group, load the pipeline, then serve control-plane commands.
 
 Control plane: (kind, payload) tuples over this rank's Pipe to the engine. Commands:
-("generate", GenerationRequest) and ("shutdown", None). Replies: ("ready", info),
+("generate", GenerationRequest) and ("shutdown", None). Replies: ("ready", {pid, startup, info: ModelInfo}),
 ("progress", (steps done, steps)) from rank 0 after each denoising step,
 ("ok", (GenerationResult | None, peak memory MiB)), ("request_error", message) for a bad request
 (the rank goes on), ("crash", traceback) for anything else (the rank exits; the engine stops the others),
@@ -18,7 +18,7 @@ import signal
 import sys
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
 from pathlib import Path
 
@@ -61,8 +61,8 @@ def worker_main(spec: WorkerSpec, conn: Connection) -> None:
     except BaseException:
         _send(conn, ("crash", traceback.format_exc()))
         return
-    facts = {"pid": os.getpid(), "device": str(state[1].device), "dtype": spec.dtype, "startup": startup}
-    _send(conn, ("ready", {**facts, **state[0].describe()}))
+    info = replace(state[0].info(), device=str(state[1].device), dtype=spec.dtype)
+    _send(conn, ("ready", {"pid": os.getpid(), "startup": startup, "info": info}))
     try:
         _serve(spec, conn, *state)
     finally:
@@ -83,8 +83,7 @@ def _start(spec: WorkerSpec):
     import torch
 
     from cfgpar.distributed.mesh import ParallelMesh, join
-    from cfgpar.distributed.sequence_parallel import parallelize
-    from cfgpar.models.loader import import_pipeline
+    from cfgpar.models.registry import import_pipeline, parallelize
 
     torch.set_num_threads(spec.threads)
     _progress_bars_use_a_thread_lock()
@@ -99,7 +98,7 @@ def _start(spec: WorkerSpec):
     pipeline_cls = import_pipeline(spec.pipeline)
     lap("import_model_code_s")
     pipeline = pipeline_cls.from_pretrained(spec.model_folder, device=device, dtype=getattr(torch, spec.dtype))
-    parallelize(pipeline, mesh)
+    parallelize(pipeline, spec.pipeline, mesh)
     lap("load_s")
     return (pipeline, mesh), startup
 
@@ -118,7 +117,7 @@ def _progress_bars_use_a_thread_lock() -> None:
 
 def _serve(spec: WorkerSpec, conn: Connection, pipeline, mesh) -> None:
     from cfgpar.engine.denoise_loop import generate
-    from cfgpar.engine.request import RequestError
+    from cfgpar.request import RequestError
 
     while True:
         try:

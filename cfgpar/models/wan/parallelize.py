@@ -22,15 +22,22 @@ from __future__ import annotations
 import torch
 
 from cfgpar.distributed.mesh import ParallelMesh
+from cfgpar.distributed.sequence_parallel import SequenceShards, check_ulysses_degree, token_layout
 from cfgpar.distributed.sp_attention import sp_attention
+
+
+def parallelize(pipeline, mesh: ParallelMesh) -> None:
+    """Apply this rank's sequence parallelism to each of the pipeline's experts (no-op without SP)."""
+    if mesh.sp_size > 1:
+        for expert in (pipeline.transformer, pipeline.transformer_2):
+            if expert is not None:
+                WanSequenceParallel(expert, mesh)
 
 
 class WanSequenceParallel:
     """Hooks that run a WanTransformer3DModel's blocks on this rank's shard of the video tokens."""
 
     def __init__(self, transformer, mesh: ParallelMesh):
-        from cfgpar.distributed.sequence_parallel import SequenceShards, check_ulysses_degree
-
         check_ulysses_degree(transformer.config.num_attention_heads, mesh.size("ulysses"))
         self.mesh, self.groups = mesh, mesh.sequence
         self.shards = SequenceShards.of(mesh)
@@ -50,13 +57,11 @@ class WanSequenceParallel:
             block.attn1.set_processor(WanSequenceParallelAttnProcessor(self))
 
     def _begin(self, module, args, kwargs):
-        from cfgpar.distributed.sequence_parallel import _layout
-
         hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
         f, h, w = hidden.shape[2:]
         self.length = (f // self.patch[0]) * (h // self.patch[1]) * (w // self.patch[2])
         if self.length not in self._layouts:
-            self._layouts[self.length] = _layout((self.length,), self.groups.ulysses_size, self.groups.ring_size,
+            self._layouts[self.length] = token_layout((self.length,), self.groups.ulysses_size, self.groups.ring_size,
                                                  self.mesh.sp_rank, hidden.device)
         self.layout = self._layouts[self.length]
 

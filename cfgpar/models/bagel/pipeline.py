@@ -17,6 +17,7 @@ at the others only the full branch runs (see guidance.Guidance.interval).
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -25,34 +26,18 @@ import torch
 from PIL import Image
 from transformers import AutoTokenizer
 
-from cfgpar.engine.request import GenerationRequest
+from cfgpar.request import GenerationRequest
 from cfgpar.guidance import Branch, Guidance, bagel_cfg, make_combine, unguided
 from cfgpar.models.bagel import autoencoder
 from cfgpar.models.bagel.model import LATENT_PATCH, Bagel, SpecialTokens, load_bagel
 from cfgpar.models.bagel.schedule import DEFAULT_INTERVAL, DEFAULT_SHIFT, flow_times
 from cfgpar.models.bagel.vision import unpatchify
-from cfgpar.inputs.data import VIDEO_PARAMS
-from cfgpar.models.registry import BAGEL
-from cfgpar.pipelines.base import DiffusionPipeline, Plan, RequestError, refuse_params
+from cfgpar.models.bagel import BAGEL
+from cfgpar.models.bagel.rules import DEFAULT_IMAGE_SCALE, DEFAULT_STEPS, output_size, resized
+from cfgpar.models.info import ModelInfo
+from cfgpar.models.pipeline import DiffusionPipeline, RequestState
 
-DEFAULT_IMAGE_SCALE = 1.5
-MAX_PIXELS = 14 * 14 * 9 * 1024  # the official ImageTransform's cap
 VIT_MIN_SIDE = 224
-
-
-def resized(width: int, height: int, max_side: int, min_side: int, stride: int) -> tuple[int, int]:
-    """The official MaxLongEdgeMinShortEdgeResize's output size (w, h): the long side at most
-    max_side, the short side at least min_side, both multiples of stride, at most MAX_PIXELS."""
-    def apply(w, h, s):
-        return tuple(max(stride, int(round(round(v * s) / stride) * stride)) for v in (w, h))
-
-    scale = max(min(max_side / max(width, height), 1.0), min_side / min(width, height))
-    w, h = apply(width, height, scale)
-    if w * h > MAX_PIXELS:
-        w, h = apply(w, h, MAX_PIXELS / (w * h))
-    if max(w, h) > max_side:
-        w, h = apply(w, h, max_side / max(w, h))
-    return w, h
 
 
 def rgb(image: Image.Image) -> Image.Image:
@@ -74,13 +59,14 @@ def to_pixels(image: Image.Image, size: tuple[int, int]) -> torch.Tensor:
 
 class BagelPipeline(DiffusionPipeline):
     facts = BAGEL.facts
+    family = BAGEL.family
     task = "text-to-image"
     tasks = BAGEL.facts.tasks
-    default_steps = 50  # the official gen_image's num_timesteps
+    default_steps = DEFAULT_STEPS
     needs_negative_prompt = False  # the official text-unconditional context has no text at all
 
     def __init__(self, *, model: Bagel, vae, tokenizer, device: torch.device, dtype: torch.dtype):
-        self.model, self.autoencoder, self.tokenizer = model.eval(), vae.eval(), tokenizer
+        self.model, self.vae, self.tokenizer = model.eval(), vae.eval(), tokenizer
         self.marks = SpecialTokens.of(tokenizer)
         self.device, self.dtype = device, dtype
         self.unit = autoencoder.downsample(vae) * LATENT_PATCH  # pixels per latent token side
@@ -95,13 +81,15 @@ class BagelPipeline(DiffusionPipeline):
                    vae=autoencoder.load_autoencoder(folder / "ae.safetensors", device=device),
                    tokenizer=AutoTokenizer.from_pretrained(folder), device=device, dtype=dtype)
 
-    def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "size_unit": self.unit, "default_size": self.max_side, "max_size": self.max_side}
+    def info(self) -> ModelInfo:
+        # Two points of the schedule at least: it evaluates every point of linspace(1, 0, steps) but the last.
+        return replace(super().info(), size_unit=self.unit, default_size=(self.max_side, self.max_side),
+                       max_side=self.max_side, min_steps=2)
 
     # ---- guidance ----------------------------------------------------------------------------
 
     def guidance(self, request: GenerationRequest) -> Guidance:
-        params = self._check(request)
+        params = self._settings(request)
         edit = request.image is not None
         full = Branch("full", request.prompt, use_image=edit)
         if params["text_scale"] <= 1:  # as the official _forward_flow: no text guidance, no guidance
@@ -116,21 +104,9 @@ class BagelPipeline(DiffusionPipeline):
                                image_branch=image_branch)
         return Guidance(branches, combine, interval=params["interval"])
 
-    def _check(self, request: GenerationRequest) -> dict[str, Any]:
+    def _settings(self, request: GenerationRequest) -> dict[str, Any]:
+        """The request's guidance settings, defaults filled in."""
         p = request.params
-        refuse_params(request, VIDEO_PARAMS, "do not apply to Bagel (its text scale is true_cfg_scale, its image "
-                      "scale image_guidance_scale).")
-        if p.think:
-            raise RequestError("Bagel's think mode (reasoning in text before the image) is not supported: "
-                               "send the request with think=False.")
-        if p.num_inference_steps < 2:
-            raise RequestError("num_inference_steps must be at least 2 for Bagel (its schedule evaluates every "
-                               f"point of linspace(1, 0, steps) but the last), got {p.num_inference_steps}.")
-        if request.image is not None and (p.height or p.width):
-            height, width = self.output_size(request)
-            if (p.height or height, p.width or width) != (height, width):
-                raise RequestError(f"a Bagel edit keeps the input image's size, resized as the official code does: "
-                                   f"{width}x{height} here; drop height and width (or give those).")
         return {"text_scale": p.true_cfg_scale,
                 "image_scale": DEFAULT_IMAGE_SCALE if p.image_guidance_scale is None else p.image_guidance_scale,
                 "interval": DEFAULT_INTERVAL if p.cfg_interval is None else tuple(p.cfg_interval),
@@ -140,19 +116,9 @@ class BagelPipeline(DiffusionPipeline):
     # ---- per-request set-up ------------------------------------------------------------------
 
     def output_size(self, request: GenerationRequest) -> tuple[int, int]:
-        """(height, width) in px: an edit's input image resized as the official VAE transform does
-        (long side at most 1024, short side at least 512, multiples of 16); otherwise the asked size."""
-        if request.image is not None:
-            w, h = resized(*request.image.size, self.max_side, self.max_side // 2, self.unit)
-            return h, w
-        height, width = request.params.height or self.max_side, request.params.width or self.max_side
-        if min(height, width) < self.unit or max(height, width) > self.max_side:
-            raise RequestError(f"height and width must be between {self.unit} and {self.max_side} px for this model "
-                               f"(its latent position table is {self.model.max_latent_size} tokens a side), "
-                               f"got {height}x{width}.")
-        return height // self.unit * self.unit, width // self.unit * self.unit
+        return output_size(self.info(), request.params, request.image.size if request.image is not None else None)
 
-    def prepare(self, request: GenerationRequest, rows: list[int]) -> Plan:
+    def prepare(self, request: GenerationRequest, rows: list[int]) -> RequestState:
         height, width = self.output_size(request)
         h, w = height // self.unit, width // self.unit
         t = flow_times(request.params.num_inference_steps, request.params.timestep_shift or DEFAULT_SHIFT)
@@ -168,12 +134,12 @@ class BagelPipeline(DiffusionPipeline):
             patch = self.model.vit_patch
             vit_size = resized(width, height, self.vit_image_size, min(VIT_MIN_SIDE, self.vit_image_size // 2), patch)
             extras.update(vae_pixels=to_pixels(image, (width, height)), vit_pixels=to_pixels(image, vit_size))
-        return Plan(noise[rows].to(self.device), t[:-1].to(self.device), extras)
+        return RequestState(noise[rows].to(self.device), t[:-1].to(self.device), extras)
 
     # ---- conditioning: one context per branch ------------------------------------------------
 
     @torch.no_grad()
-    def encode(self, request: GenerationRequest, branch: Branch, plan: Plan):
+    def encode(self, request: GenerationRequest, branch: Branch, plan: RequestState):
         context = self._image_context(request, plan).copy() if branch.use_image else self.model.empty_context()
         # Every branch has its text but the text-unconditional one, which has the negative prompt if any.
         if branch.name != "text-unconditional" or branch.prompt:
@@ -181,13 +147,13 @@ class BagelPipeline(DiffusionPipeline):
                                           self.marks.eos])
         return context
 
-    def _image_context(self, request: GenerationRequest, plan: Plan):
+    def _image_context(self, request: GenerationRequest, plan: RequestState):
         """The input image through the VAE, then the ViT: built once a request, copied by the branches that see it."""
         if "image_context" not in plan.extras:
             # The official encode samples the posterior; this generator gives every rank the same sample.
             generator = torch.Generator("cpu").manual_seed((request.seed + 1) % 2**63)
-            pixels = plan.extras["vae_pixels"].to(self.device, self.autoencoder.dtype)
-            latents = autoencoder.encode(self.autoencoder, pixels[None], generator)[0]
+            pixels = plan.extras["vae_pixels"].to(self.device, self.vae.dtype)
+            latents = autoencoder.encode(self.vae, pixels[None], generator)[0]
             context = self.model.empty_context()
             self.model.add_vae_image(context, latents, self.marks)
             self.model.add_vit_image(context, plan.extras["vit_pixels"].to(self.device), self.marks)
@@ -197,7 +163,7 @@ class BagelPipeline(DiffusionPipeline):
     # ---- denoising ---------------------------------------------------------------------------
 
     @torch.no_grad()
-    def predict(self, plan: Plan, branch: Branch, cond, latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def predict(self, plan: RequestState, branch: Branch, cond, latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         h, w, timestep = plan.extras["h"], plan.extras["w"], t.reshape(1)
         return torch.stack([self.model.velocity(cond, x, timestep, h, w, self.marks).to(latents.dtype)
                             for x in latents])
@@ -206,10 +172,10 @@ class BagelPipeline(DiffusionPipeline):
         return latents - pred * self._dts[float(t)]
 
     @torch.no_grad()
-    def decode(self, plan: Plan, latents: torch.Tensor) -> list[Image.Image]:
+    def decode(self, plan: RequestState, latents: torch.Tensor) -> list[Image.Image]:
         h, w = plan.extras["h"], plan.extras["w"]
-        z = torch.stack([unpatchify(x, h, w, LATENT_PATCH) for x in latents]).to(self.autoencoder.dtype)
-        pixels = autoencoder.decode(self.autoencoder, z)
+        z = torch.stack([unpatchify(x, h, w, LATENT_PATCH) for x in latents]).to(self.vae.dtype)
+        pixels = autoencoder.decode(self.vae, z)
         # As the official decode_image: [-1, 1] to [0, 255], truncated to bytes.
         pixels = ((pixels * 0.5 + 0.5).clamp(0, 1) * 255).permute(0, 2, 3, 1).to(torch.uint8).cpu().numpy()
         return [Image.fromarray(p) for p in pixels]

@@ -15,20 +15,15 @@ from typing import Any, ClassVar
 import torch
 from PIL import Image
 
-from cfgpar.engine.request import GenerationRequest, RequestError  # noqa: F401  (RequestError: pipelines raise it)
 from cfgpar.guidance import Branch, Guidance
-from cfgpar.models.registry import PipelineFacts
-
-
-def refuse_params(request: GenerationRequest, names: tuple[str, ...], why: str) -> None:
-    """RequestError naming the parameters among `names` the request sets (not None, not False)."""
-    given = [name for name in names if getattr(request.params, name) not in (None, False)]
-    if given:
-        raise RequestError(f"{', '.join(given)} {why}")
+from cfgpar.models.info import ModelInfo
+from cfgpar.models.registry import check_request
+from cfgpar.models.spec import PipelineFacts
+from cfgpar.request import GenerationRequest, RequestError  # noqa: F401  (RequestError: pipelines raise it)
 
 
 @dataclass
-class Plan:
+class RequestState:
     """Per-request state shared by every rank (built from the request and its seed alone).
 
     `latents` is the initial noise of the outputs this rank denoises, packed [B, L, C];
@@ -43,17 +38,20 @@ class Plan:
     extras: dict[str, Any] = field(default_factory=dict)
     token_inputs: dict[str, torch.Tensor] = field(default_factory=dict)
 
-    def map_tokens(self, fn) -> "Plan":
+    def map_tokens(self, fn) -> "RequestState":
         """The same plan with `fn` applied to the latents and every token input."""
-        return Plan(fn(self.latents), self.timesteps, self.extras, {k: fn(v) for k, v in self.token_inputs.items()})
+        return RequestState(fn(self.latents), self.timesteps, self.extras, {k: fn(v) for k, v in self.token_inputs.items()})
 
 
 class DiffusionPipeline(ABC):
     """A model's side of generation; see the module docstring."""
 
     facts: ClassVar[PipelineFacts] = PipelineFacts()
-    """What the engine knows of this pipeline before the ranks start (models/registry.py holds
-    the registered families' facts, read there without importing the pipeline)."""
+    """What the engine knows of this pipeline before the ranks start (a registered family's
+    ModelSpec holds them, read there without importing the pipeline)."""
+
+    family: ClassVar[str] = ""
+    """The registry key of its family (ModelSpec.family); "" for a custom pipeline."""
 
     task: str = "text-to-image"
     """"text-to-image", "edit" (the request must carry an input image), "text-to-video",
@@ -84,14 +82,20 @@ class DiffusionPipeline(ABC):
     """Whether guidance needs a negative prompt (Qwen-Image: no negative prompt, no guidance);
     the CLI and the server then supply their default one where a request names none."""
 
-    vae: Any = None
-    """The VAE, where `decode(plan, latents)` is `to_images(plan, vae.decode(vae_latents(plan,
-    latents)))`: the loop can then share that decode out over several ranks. None: decode only."""
+    shares_vae_decode: ClassVar[bool] = False
+    """Whether `decode(plan, latents)` is `to_images(plan, vae.decode(vae_latents(plan, latents)))`
+    for its `vae`: the loop can then share that decode out over several ranks (vae_patch.py)."""
 
-    def describe(self) -> dict[str, Any]:
-        """Facts about the loaded model that callers validate requests against."""
-        return {"task": self.task, "tasks": list(self.tasks), "max_branches": self.max_branches, "output": self.output_kind,
-                "default_steps": self.default_steps, "needs_negative_prompt": self.needs_negative_prompt}
+    def info(self) -> ModelInfo:
+        """Facts about the loaded model that callers validate requests against; pipelines add theirs."""
+        return ModelInfo(family=self.family, task=self.task, tasks=tuple(self.tasks), max_branches=self.max_branches,
+                         output_kind=self.output_kind, default_steps=self.default_steps,
+                         needs_negative_prompt=self.needs_negative_prompt, shares_vae_decode=self.shares_vae_decode)
+
+    def check(self, request: GenerationRequest) -> None:
+        """The request rules that need no weights (models/registry.py's check_request, which the
+        server also runs before it queues a request); RequestError on a bad request."""
+        check_request(self.info(), request.params, request.image.size if request.image is not None else None)
 
     @classmethod
     @abstractmethod
@@ -100,19 +104,20 @@ class DiffusionPipeline(ABC):
 
     @abstractmethod
     def guidance(self, request: GenerationRequest) -> Guidance:
-        """The request's branches and combine rule. Raise RequestError for a bad request."""
+        """The request's branches and combine rule. Raise RequestError for a bad request (after
+        `check(request)`, which the loop has run)."""
 
     @abstractmethod
-    def prepare(self, request: GenerationRequest, rows: list[int]) -> Plan:
+    def prepare(self, request: GenerationRequest, rows: list[int]) -> RequestState:
         """Noise (from request.seed) for output rows `rows` of the request, the schedule, and
         branch-independent inputs. Must give every rank the same tensors for the same rows."""
 
     @abstractmethod
-    def encode(self, request: GenerationRequest, branch: Branch, plan: Plan) -> Any:
+    def encode(self, request: GenerationRequest, branch: Branch, plan: RequestState) -> Any:
         """Conditioning of one branch for plan.latents' batch; only this rank's branches are encoded."""
 
     @abstractmethod
-    def predict(self, plan: Plan, branch: Branch, cond: Any, latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def predict(self, plan: RequestState, branch: Branch, cond: Any, latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The denoiser's prediction for one branch at timestep t, shaped like `latents`."""
 
     @abstractmethod
@@ -120,13 +125,13 @@ class DiffusionPipeline(ABC):
         """One scheduler step from the guided prediction."""
 
     @abstractmethod
-    def decode(self, plan: Plan, latents: torch.Tensor) -> list[Image.Image] | list[list[Image.Image]]:
+    def decode(self, plan: RequestState, latents: torch.Tensor) -> list[Image.Image] | list[list[Image.Image]]:
         """Final latents to B images, or B videos (lists of frames) where output_kind is "video"."""
 
-    def vae_latents(self, plan: Plan, latents: torch.Tensor) -> torch.Tensor:
-        """Final latents [B, L, C] to the VAE's input (pipelines with a `vae`)."""
+    def vae_latents(self, plan: RequestState, latents: torch.Tensor) -> torch.Tensor:
+        """Final latents [B, L, C] to the VAE's input (pipelines that share their VAE decode)."""
         raise NotImplementedError
 
-    def to_images(self, plan: Plan, pixels: torch.Tensor) -> list[Image.Image]:
-        """The VAE's output to B images (pipelines with a `vae`)."""
+    def to_images(self, plan: RequestState, pixels: torch.Tensor) -> list[Image.Image]:
+        """The VAE's output to B images (pipelines that share their VAE decode)."""
         raise NotImplementedError

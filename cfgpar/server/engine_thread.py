@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cfgpar.engine.engine import EngineError
-from cfgpar.inputs.data import OmniDiffusionSamplingParams
-from cfgpar.pipelines.base import RequestError
+from cfgpar.params import OmniDiffusionSamplingParams
+from cfgpar.models.pipeline import RequestError
 from cfgpar.server.errors import ServeError
 from cfgpar.server.metrics import Metrics
 

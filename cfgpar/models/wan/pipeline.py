@@ -11,7 +11,7 @@ the scheduler named in the folder, the expert switch at boundary_ratio * num_tra
 CFG with the negative prompt (or "") whenever the scale is > 1, each expert with its own scale.
 
 The latents are not packed tokens, so the loop keeps them whole; sequence parallelism shards the
-video tokens inside the transformer (distributed/sequence_parallel.py, `WanSequenceParallel`).
+video tokens inside the transformer (parallelize.py).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import html
 import importlib.util
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -27,15 +28,13 @@ import torch
 from diffusers.video_processor import VideoProcessor
 from PIL import Image
 
-from cfgpar.engine.request import GenerationRequest
+from cfgpar.request import GenerationRequest
 from cfgpar.guidance import Branch, Guidance, cfg, make_combine, unguided
-from cfgpar.inputs.data import BAGEL_PARAMS, frame_count_error
+from cfgpar.models.info import ModelInfo
 from cfgpar.models.loader import model_options
-from cfgpar.models.registry import WAN
-from cfgpar.pipelines.base import DiffusionPipeline, Plan, RequestError, refuse_params
-
-DEFAULT_SCALE = 5.0  # diffusers' WanPipeline / WanImageToVideoPipeline guidance_scale
-DEFAULT_HEIGHT, DEFAULT_WIDTH, DEFAULT_FRAMES = 480, 832, 81
+from cfgpar.models.pipeline import DiffusionPipeline, RequestState
+from cfgpar.models.wan import WAN
+from cfgpar.models.wan.rules import DEFAULT_FRAMES, DEFAULT_HEIGHT, DEFAULT_SCALE, DEFAULT_STEPS, DEFAULT_WIDTH, output_size
 
 
 def prompt_clean(text: str) -> str:
@@ -48,14 +47,16 @@ def prompt_clean(text: str) -> str:
 
 class WanVideoPipeline(DiffusionPipeline):
     facts = WAN.facts
+    family = WAN.family
     shards_tokens = False
+    default_steps = DEFAULT_STEPS
 
     def __init__(self, *, transformer, vae, text_encoder, tokenizer, scheduler, device, dtype, transformer_2=None,
                  image_encoder=None, image_processor=None, boundary_ratio=None, expand_timesteps=False,
                  image_to_video=False, options=None):
         self.transformer = transformer.eval()
         self.transformer_2 = transformer_2.eval() if transformer_2 is not None else None
-        self.video_vae = vae.eval()  # not `vae`: the band decode over ranks is for pictures
+        self.vae = vae.eval()
         self.text_encoder = text_encoder.eval()
         self.tokenizer = tokenizer
         self.folder_scheduler = self.scheduler = scheduler
@@ -112,15 +113,16 @@ class WanVideoPipeline(DiffusionPipeline):
             image_to_video=index["_class_name"] == "WanImageToVideoPipeline", options=model_options(folder),
         )
 
-    def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "size_unit": self.unit, "default_size": [self.default_height, self.default_width],
-                "default_num_frames": self.default_frames, "default_fps": self.default_fps,
-                "frame_unit": self.temporal, "experts": 1 if self.boundary is None else 2}
+    def info(self) -> ModelInfo:
+        return replace(super().info(), size_unit=self.unit, default_size=(self.default_height, self.default_width),
+                       default_num_frames=self.default_frames, default_fps=self.default_fps, frame_unit=self.temporal,
+                       experts=1 if self.boundary is None else 2,
+                       fixed_text_length=512 if self.image_encoder is not None else None,
+                       flow_shift="flow_shift" in self.folder_scheduler.config)
 
     # ---- guidance ----------------------------------------------------------------------------
 
     def guidance(self, request: GenerationRequest) -> Guidance:
-        self._check(request)
         params = request.params
         scale = DEFAULT_SCALE if params.guidance_scale is None else params.guidance_scale
         scale_2 = scale if params.guidance_scale_2 is None else params.guidance_scale_2
@@ -131,50 +133,19 @@ class WanVideoPipeline(DiffusionPipeline):
         switch = None if self.boundary is None else (self.boundary, make_combine(cfg, scale=scale_2))
         return Guidance((positive, negative), make_combine(cfg, scale=scale), switch)
 
-    def _check(self, request: GenerationRequest) -> None:
-        params = request.params
-        if request.image is not None and self.task == "text-to-video":
-            raise RequestError("this is a text-to-video model: it takes no input image (drop multi_modal_data.image).")
-        if request.image is None and self.task == "image-to-video":
-            raise RequestError("this is an image-to-video model: the prompt needs multi_modal_data={'image': <PIL image>}.")
-        if params.image_guidance_scale is not None:
-            raise RequestError("image_guidance_scale applies to image-edit models; Wan takes guidance_scale "
-                               "(and guidance_scale_2 with two experts).")
-        refuse_params(request, BAGEL_PARAMS, "apply to Bagel only; Wan does not take them.")
-        if params.guidance_scale_2 is not None and self.boundary is None:
-            raise RequestError("guidance_scale_2 applies to two-expert models (Wan 2.2 A14B); this model has one "
-                               "transformer.")
-        if params.max_sequence_length != 512 and self.image_encoder is not None:
-            raise RequestError("this model's transformer splits its context at 512 text tokens: leave "
-                               f"max_sequence_length at 512 (got {params.max_sequence_length}).")
-        if params.flow_shift is not None and "flow_shift" not in self.folder_scheduler.config:
-            raise RequestError(f"flow_shift applies to schedulers with flow sigmas; this model's "
-                               f"{type(self.folder_scheduler).__name__} has none (leave flow_shift unset).")
-        error = frame_count_error(self.num_frames(request), self.temporal)
-        if error:
-            raise RequestError(error)
-        self.output_size(request)
-
     def num_frames(self, request: GenerationRequest) -> int:
         return request.params.num_frames or self.default_frames
 
     def output_size(self, request: GenerationRequest) -> tuple[int, int]:
-        """(height, width): the request's or the model's default, multiples of the model's unit."""
-        height = request.params.height or self.default_height
-        width = request.params.width or self.default_width
-        if height % self.unit or width % self.unit:
-            raise RequestError(f"height and width must be multiples of {self.unit} px for this model, got "
-                               f"{height}x{width} (e.g. {max(self.unit, height // self.unit * self.unit)}x"
-                               f"{max(self.unit, width // self.unit * self.unit)}).")
-        return height, width
+        return output_size(self.info(), request.params)
 
     # ---- per-request set-up ------------------------------------------------------------------
 
     @torch.no_grad()
-    def prepare(self, request: GenerationRequest, rows: list[int]) -> Plan:
+    def prepare(self, request: GenerationRequest, rows: list[int]) -> RequestState:
         height, width = self.output_size(request)
         frames = self.num_frames(request)
-        shape = (request.params.num_outputs_per_prompt, self.video_vae.config.z_dim, (frames - 1) // self.temporal + 1,
+        shape = (request.params.num_outputs_per_prompt, self.vae.config.z_dim, (frames - 1) // self.temporal + 1,
                  height // self.spatial, width // self.spatial)
         # The whole request's noise from the seed on CPU (as diffusers' randn_tensor with a CPU
         # generator), then this rank's rows: the same noise for the same output on every rank.
@@ -190,7 +161,7 @@ class WanVideoPipeline(DiffusionPipeline):
         extras: dict[str, Any] = dict(height=height, width=width)
         if request.image is not None:
             extras.update(self._image_condition(request.image, latents, frames, height, width))
-        return Plan(latents, self.scheduler.timesteps, extras)
+        return RequestState(latents, self.scheduler.timesteps, extras)
 
     def _image_condition(self, image: Image.Image, latents, frames: int, height: int, width: int) -> dict[str, Any]:
         """The input image as the first frame: its VAE latents (with a frame mask), and CLIP's
@@ -200,7 +171,7 @@ class WanVideoPipeline(DiffusionPipeline):
         video = pixels.unsqueeze(2)  # [1, 3, 1, H, W]
         if not self.expand_timesteps:
             video = torch.cat([video, video.new_zeros(1, 3, frames - 1, height, width)], dim=2)
-        z = self.video_vae.encode(video.to(self.video_vae.dtype)).latent_dist.mode().repeat(batch, 1, 1, 1, 1)
+        z = self.vae.encode(video.to(self.vae.dtype)).latent_dist.mode().repeat(batch, 1, 1, 1, 1)
         condition = self._normalize(z.to(torch.float32))
         extras: dict[str, Any] = {}
         if self.expand_timesteps:  # TI2V: the first latent frame is the image's, not denoised
@@ -224,7 +195,7 @@ class WanVideoPipeline(DiffusionPipeline):
         return (z - mean) * inv_std
 
     def _latent_stats(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        config = self.video_vae.config
+        config = self.vae.config
         mean = torch.tensor(config.latents_mean).view(1, config.z_dim, 1, 1, 1).to(z.device, z.dtype)
         inv_std = 1.0 / torch.tensor(config.latents_std).view(1, config.z_dim, 1, 1, 1).to(z.device, z.dtype)
         return mean, inv_std
@@ -232,7 +203,7 @@ class WanVideoPipeline(DiffusionPipeline):
     # ---- conditioning ------------------------------------------------------------------------
 
     @torch.no_grad()
-    def encode(self, request: GenerationRequest, branch: Branch, plan: Plan) -> torch.Tensor:
+    def encode(self, request: GenerationRequest, branch: Branch, plan: RequestState) -> torch.Tensor:
         """UMT5's last hidden states of the cleaned prompt, zero past its length: [B, max_sequence_length, D]."""
         length = request.params.max_sequence_length
         tokens = self.tokenizer([prompt_clean(branch.prompt)], padding="max_length", max_length=length,
@@ -250,7 +221,7 @@ class WanVideoPipeline(DiffusionPipeline):
         return self.transformer if self.boundary is None or t >= self.boundary else self.transformer_2
 
     @torch.no_grad()
-    def predict(self, plan: Plan, branch: Branch, cond: torch.Tensor, latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def predict(self, plan: RequestState, branch: Branch, cond: torch.Tensor, latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         extras, batch = plan.extras, latents.shape[0]
         if "first_frame_mask" in extras:
             mask = extras["first_frame_mask"]
@@ -273,11 +244,11 @@ class WanVideoPipeline(DiffusionPipeline):
         return self.scheduler.step(pred, t, latents, return_dict=False)[0]
 
     @torch.no_grad()
-    def decode(self, plan: Plan, latents: torch.Tensor) -> list[list[Image.Image]]:
+    def decode(self, plan: RequestState, latents: torch.Tensor) -> list[list[Image.Image]]:
         if "first_frame_mask" in plan.extras:
             mask = plan.extras["first_frame_mask"]
             latents = (1 - mask) * plan.extras["condition"] + mask * latents
-        z = latents.to(self.video_vae.dtype)
+        z = latents.to(self.vae.dtype)
         mean, inv_std = self._latent_stats(z)
-        video = self.video_vae.decode(z / inv_std + mean, return_dict=False)[0]
+        video = self.vae.decode(z / inv_std + mean, return_dict=False)[0]
         return self.video_processor.postprocess_video(video, output_type="pil")

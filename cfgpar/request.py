@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
-from cfgpar.inputs.data import OmniDiffusionSamplingParams
+from cfgpar.params import OmniDiffusionSamplingParams
 
 
 class RequestError(ValueError):

@@ -14,13 +14,14 @@ from typing import Any
 
 import torch
 
-from cfgpar.engine.request import GenerationRequest
+from cfgpar.request import GenerationRequest
 from cfgpar.guidance import Branch, Guidance, make_combine, norm_preserving_dual_cfg
 from cfgpar.models.loader import model_options
-from cfgpar.models.qwen_vl_processor import QwenVLProcessor
-from cfgpar.models.registry import QWEN_IMAGE_EDIT
-from cfgpar.pipelines.base import Plan, RequestError
-from cfgpar.pipelines.qwen_image import T2I_TEMPLATE, T2I_TEMPLATE_DROP, QwenImagePipeline, pack_latents
+from cfgpar.models.pipeline import RequestState
+from cfgpar.models.qwen_image import QWEN_IMAGE_EDIT
+from cfgpar.models.qwen_image.pipeline import T2I_TEMPLATE, T2I_TEMPLATE_DROP, QwenImagePipeline, pack_latents
+from cfgpar.models.qwen_image.rules import CONDITION_AREA, rounded_size
+from cfgpar.models.qwen_image.vl_processor import QwenVLProcessor
 
 EDIT_TEMPLATE = (
     "<|im_start|>system\nDescribe the key features of the input image (color, shape, size, texture, objects, "
@@ -30,7 +31,6 @@ EDIT_TEMPLATE = (
     "<|im_start|>assistant\n"
 )
 EDIT_TEMPLATE_DROP = 64
-CONDITION_AREA = 1024 * 1024  # the condition image is resized to about this many pixels
 
 
 def condition_size(width: int, height: int, area: int = CONDITION_AREA) -> tuple[int, int]:
@@ -42,6 +42,7 @@ def condition_size(width: int, height: int, area: int = CONDITION_AREA) -> tuple
 
 class QwenImageEditPipeline(QwenImagePipeline):
     facts = QWEN_IMAGE_EDIT.facts
+    family = QWEN_IMAGE_EDIT.family
     task = "edit"
 
     def __init__(self, *, processor: QwenVLProcessor, condition_area: int = CONDITION_AREA, **components):
@@ -58,9 +59,7 @@ class QwenImageEditPipeline(QwenImagePipeline):
         return components
 
     def guidance(self, request: GenerationRequest) -> Guidance:
-        if request.image is None:
-            raise RequestError("this is an image-edit model: the prompt needs multi_modal_data={'image': <PIL image>}.")
-        guidance = self._text_guidance(request)
+        guidance = super().guidance(request)
         image_scale = request.params.image_guidance_scale
         if len(guidance.branches) == 1 or image_scale is None or image_scale <= 1:
             return guidance
@@ -72,10 +71,10 @@ class QwenImageEditPipeline(QwenImagePipeline):
 
     def output_size(self, request: GenerationRequest) -> tuple[int, int]:
         cond_w, cond_h = condition_size(*request.image.size, self.condition_area)
-        return self._round_to_unit(request.params.height or cond_h, request.params.width or cond_w)
+        return rounded_size(self.unit, request.params.height or cond_h, request.params.width or cond_w)
 
     @torch.no_grad()
-    def prepare(self, request: GenerationRequest, rows: list[int]) -> Plan:
+    def prepare(self, request: GenerationRequest, rows: list[int]) -> RequestState:
         height, width = self.output_size(request)
         cond_w, cond_h = condition_size(*request.image.size, self.condition_area)
         resized = self.image_processor.resize(request.image.convert("RGB"), cond_h, cond_w)
@@ -98,7 +97,7 @@ class QwenImageEditPipeline(QwenImagePipeline):
         return pack_latents(((latents - mean) / std)[:, :, 0])
 
     @torch.no_grad()
-    def encode(self, request: GenerationRequest, branch: Branch, plan: Plan) -> dict[str, Any]:
+    def encode(self, request: GenerationRequest, branch: Branch, plan: RequestState) -> dict[str, Any]:
         if not branch.use_image:
             tokens = self.tokenizer(
                 [T2I_TEMPLATE.format(branch.prompt)], padding=True, return_tensors="pt"
@@ -111,7 +110,7 @@ class QwenImageEditPipeline(QwenImagePipeline):
         return self._repeat(self._embed(inputs, EDIT_TEMPLATE_DROP), plan, img_shapes=plan.extras["img_shapes"])
 
     @torch.no_grad()
-    def predict(self, plan: Plan, branch: Branch, cond: dict[str, Any], latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def predict(self, plan: RequestState, branch: Branch, cond: dict[str, Any], latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         tokens = latents.shape[1]
         model_input = torch.cat([latents, plan.token_inputs["image_latents"]], dim=1) if branch.use_image else latents
         return super().predict(plan, branch, cond, model_input, t)[:, :tokens]

@@ -1,0 +1,54 @@
+"""What a loaded model tells the engine, the CLI and the server: typed, one field a fact."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelInfo:
+    """Facts about a loaded model, reported by rank 0 once it has loaded (Omni.model_info)."""
+
+    family: str = ""
+    """Registry key of the model's family ("" for a custom pipeline)."""
+    task: str
+    """The task of a plain request: "text-to-image", "edit", "text-to-video", "image-to-video"
+    or "text-image-to-video"."""
+    tasks: tuple[str, ...]
+    """Every task the model serves (Bagel: text-to-image and edit)."""
+    max_branches: int
+    """Most guidance branches a request can have."""
+    output_kind: str = "image"
+    """"image" or "video"."""
+    size_unit: int = 16
+    """Output sides are multiples of this many pixels."""
+    default_size: tuple[int, int] | None = None
+    """(height, width) of an output whose request names no size; None: from the input image."""
+    max_side: int | None = None
+    """Longest output side the model can make, where it has a limit (Bagel's position table)."""
+    default_steps: int = 20
+    """num_inference_steps of a CLI or server request that names none."""
+    min_steps: int = 1
+    """Fewest num_inference_steps the model's schedule can run."""
+    needs_negative_prompt: bool = True
+    """Whether guidance needs a negative prompt: the CLI and the server then supply their default."""
+    shares_vae_decode: bool = False
+    """Whether the loop may share the VAE decode over ranks (vae_patch_parallel_size)."""
+    default_num_frames: int | None = None
+    """Video models: frames of a video whose request names none."""
+    default_fps: int | None = None
+    """Video models: the rate the video is written at when the request names none."""
+    frame_unit: int = 1
+    """Video models: frame counts are frame_unit * k + 1 (1: any count)."""
+    experts: int = 1
+    """Transformers the schedule switches between (Wan 2.2 A14B: 2)."""
+    fixed_text_length: int | None = None
+    """max_sequence_length the model requires, where it cannot take another (Wan 2.1 I2V: 512)."""
+    flow_shift: bool = False
+    """Whether the model's schedule takes flow_shift."""
+    device: str = ""
+    """Rank 0's device, e.g. "cpu" or "cuda:0" (set by the engine)."""
+    dtype: str = ""
+    """Weights' dtype name, e.g. "float32" (set by the engine)."""
+    layout: str = ""
+    """The ranks' layout in words, e.g. "4 ranks: cfg 2 x ulysses 2" (set by Omni)."""
