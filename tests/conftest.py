@@ -26,6 +26,43 @@ def toy_model(tmp_path_factory) -> Path:
     return write_toy_model(tmp_path_factory.mktemp("toy"))
 
 
+# The tiny models several modules share, built once a session (their weights come from fixed seeds).
+TINY_EDIT_MAX_PIXELS = 64 * 28 * 28
+"""The edit model's vision-tower input: small keeps the tests fast; parity holds for any processor config."""
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen_t2i(tmp_path_factory) -> Path:
+    """A tiny Qwen-Image (text-to-image) folder in the hub layout."""
+    from cfgpar.testing.tiny_models import write_tiny_qwen_image
+
+    return write_tiny_qwen_image(tmp_path_factory.mktemp("tiny-qwen") / "t2i", edit=False, vae_scale_factor=8)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen_edit(tmp_path_factory) -> Path:
+    """A tiny Qwen-Image-Edit folder in the hub layout."""
+    from cfgpar.testing.tiny_models import write_tiny_qwen_image
+
+    return write_tiny_qwen_image(tmp_path_factory.mktemp("tiny-qwen") / "edit", edit=True,
+                                 max_pixels=TINY_EDIT_MAX_PIXELS, vae_scale_factor=8)
+
+
+@pytest.fixture(scope="session")
+def tiny_wan(tmp_path_factory):
+    """kind -> a tiny Wan folder of that kind (cfgpar.testing.tiny_wan's kinds), each built once."""
+    from cfgpar.testing.tiny_wan import write_tiny_wan
+
+    root, built = tmp_path_factory.mktemp("tiny-wan"), {}
+
+    def folder(kind: str) -> Path:
+        if kind not in built:
+            built[kind] = write_tiny_wan(root / kind, kind=kind)
+        return built[kind]
+
+    return folder
+
+
 def child_pids(parent: int | None = None, *, skip_trackers: bool = True) -> set[int]:
     """Live (non-zombie) children of `parent` (default: this process), without multiprocessing's
     resource tracker unless `skip_trackers` is False."""

@@ -14,7 +14,7 @@ from PIL import Image
 from cfgpar import DiffusionParallelConfig, Omni, OmniDiffusionSamplingParams
 from cfgpar.distributed.mesh import ParallelMesh
 from cfgpar.engine.denoise_loop import generate
-from cfgpar.guidance import bagel_cfg
+from cfgpar.models.bagel.combine import bagel_cfg
 from cfgpar.models.loader import ModelLoadError, pipeline_path, resolve_model
 from cfgpar.omni import make_request
 from cfgpar.models.bagel.pipeline import BagelPipeline

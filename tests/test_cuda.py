@@ -7,7 +7,6 @@ import torch
 
 from cfgpar import DiffusionParallelConfig, Omni, OmniDiffusionSamplingParams
 from cfgpar.testing.reference import diffusers_pipeline
-from cfgpar.testing.tiny_models import write_tiny_qwen_image
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 needs_2_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="cfg_parallel_size=2 on CUDA needs 2 GPUs")
@@ -17,8 +16,8 @@ PROMPT = {"prompt": "a blue square on the left, black background", "negative_pro
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return write_tiny_qwen_image(tmp_path_factory.mktemp("cuda") / "t2i", edit=False, vae_scale_factor=8)
+def folder(tiny_qwen_t2i):
+    return tiny_qwen_t2i
 
 
 def params(**kw):

@@ -11,20 +11,20 @@ from cfgpar.models.loader import ModelLoadError
 from cfgpar.models.pipeline import RequestError
 from cfgpar.testing.reference import diffusers_pipeline
 from cfgpar.testing.tiny_models import write_tiny_qwen_image
+from conftest import TINY_EDIT_MAX_PIXELS
 
 NEG = "low quality, blurry"
-# Small vision-tower input keeps the tests fast; parity holds for any processor config.
-MAX_PIXELS = 64 * 28 * 28
+MAX_PIXELS = TINY_EDIT_MAX_PIXELS
 
 
 @pytest.fixture(scope="module")
-def t2i_folder(tmp_path_factory):
-    return write_tiny_qwen_image(tmp_path_factory.mktemp("qwen") / "t2i", edit=False, vae_scale_factor=8)
+def t2i_folder(tiny_qwen_t2i):
+    return tiny_qwen_t2i
 
 
 @pytest.fixture(scope="module")
-def edit_folder(tmp_path_factory):
-    return write_tiny_qwen_image(tmp_path_factory.mktemp("qwen") / "edit", edit=True, max_pixels=MAX_PIXELS, vae_scale_factor=8)
+def edit_folder(tiny_qwen_edit):
+    return tiny_qwen_edit
 
 
 @pytest.fixture(scope="module")

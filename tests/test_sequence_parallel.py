@@ -25,8 +25,6 @@ from cfgpar.distributed.sequence_parallel import SequenceShards, shard_index
 from cfgpar.models.qwen_image.parallelize import QwenImageSequenceParallel
 from cfgpar.models.embedded import EDIT_MODEL
 from cfgpar.omni import make_request
-from cfgpar.testing.tiny_models import write_tiny_qwen_image
-from cfgpar.testing.tiny_wan import write_tiny_wan
 from sp_ranks import run_layout
 
 NEG = "low quality, blurry"
@@ -47,14 +45,13 @@ LAYOUTS = [(1, 2, 1), (1, 1, 2), (2, 2, 1), (2, 1, 2), (1, 2, 2), (3, 2, 1)]
 
 
 @pytest.fixture(scope="module")
-def t2i_folder(tmp_path_factory):
-    return write_tiny_qwen_image(tmp_path_factory.mktemp("sp") / "t2i", edit=False, vae_scale_factor=8)
+def t2i_folder(tiny_qwen_t2i):
+    return tiny_qwen_t2i
 
 
 @pytest.fixture(scope="module")
-def wan_folders(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sp-wan")
-    return {kind: write_tiny_wan(root / kind, kind=kind) for kind in ("i2v", "ti2v")}
+def wan_folders(tiny_wan):
+    return {kind: tiny_wan(kind) for kind in ("i2v", "ti2v")}
 
 
 @pytest.fixture(scope="module")

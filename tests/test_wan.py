@@ -16,7 +16,6 @@ from PIL import Image
 
 from cfgpar import DiffusionParallelConfig, Omni, OmniDiffusionSamplingParams
 from cfgpar.models.pipeline import RequestError
-from cfgpar.testing.tiny_wan import write_tiny_wan
 from cfgpar.omni import make_request
 from cfgpar.video_io import mp4_bytes, read_mp4
 from sp_ranks import run_layout
@@ -36,9 +35,8 @@ def params(kind: str, **overrides) -> OmniDiffusionSamplingParams:
 
 
 @pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    root = tmp_path_factory.mktemp("wan")
-    return {kind: write_tiny_wan(root / kind, kind=kind) for kind in dict(CASES)}
+def folders(tiny_wan):
+    return {kind: tiny_wan(kind) for kind in dict(CASES)}
 
 
 @pytest.fixture(scope="module")
@@ -154,12 +152,10 @@ def test_requests_a_model_cannot_serve_get_one_sentence_and_the_engine_goes_on(f
     assert out.images == out.videos[0]  # where vLLM-Omni's examples read a video's frames
 
 
-def test_image_models_refuse_video_parameters_and_video_models_refuse_vae_sharing(folders, tmp_path):
-    from cfgpar.testing.tiny_models import write_tiny_qwen_image
-
+def test_image_models_refuse_video_parameters_and_video_models_refuse_vae_sharing(folders, tiny_qwen_t2i):
     with pytest.raises(ValueError, match="the VAE decode over ranks is for image models"):
         Omni(str(folders["t2v"]), DiffusionParallelConfig(cfg_parallel_size=2, vae_patch_parallel_size=2))
-    t2i = write_tiny_qwen_image(tmp_path / "t2i", edit=False)
+    t2i = tiny_qwen_t2i
     with Omni(str(t2i), DiffusionParallelConfig(cfg_parallel_size=1), threads_per_rank=1, progress_bar=False) as omni:
         with pytest.raises(RequestError, match="num_frames, fps apply to Wan only; Qwen-Image does not take them"):
             omni.generate("a square", OmniDiffusionSamplingParams(num_frames=9, fps=8, height=32, width=32))

@@ -27,7 +27,8 @@ from PIL import Image
 from transformers import AutoTokenizer
 
 from cfgpar.request import GenerationRequest
-from cfgpar.guidance import Branch, Guidance, bagel_cfg, make_combine, unguided
+from cfgpar.guidance import Branch, Guidance, make_combine, unguided
+from cfgpar.models.bagel.combine import bagel_cfg
 from cfgpar.models.bagel import autoencoder
 from cfgpar.models.bagel.model import LATENT_PATCH, Bagel, SpecialTokens, load_bagel
 from cfgpar.models.bagel.schedule import DEFAULT_INTERVAL, DEFAULT_SHIFT, flow_times
