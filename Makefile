@@ -34,6 +34,11 @@ test: install
 bench: install
 	$(VENV)/bin/cfgpar bench
 
+# docs/parameters.md, generated from the docstrings of the parameter dataclasses (tests/test_docs.py checks it).
+.PHONY: docs
+docs: install
+	$(PY) docs/gen_parameters.py
+
 # What benchmarks/gpu_check.sh needs on a GPU machine that has torch and transformers but no
 # diffusers (pure-Python wheel; carried there in .whl/).
 gpu-wheels:

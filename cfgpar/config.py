@@ -20,9 +20,9 @@ class DiffusionParallelConfig:
     ulysses_degree: int = 1
     """Ranks that split each branch's image tokens along the sequence and swap sequence shards for
     head shards around attention with all-to-alls (Ulysses). Must divide the model's attention
-    heads (checked before the ranks start). The same picture as one rank, bit for bit, for the same
-    compute per rank: each rank attends over the whole sequence for its heads, keys in the one-rank
-    order (a guided request; without guidance cfg > 1 splits the batch, within 1/255)."""
+    heads (checked before the ranks start). Within 1/255 per pixel of the one-rank picture: the
+    attention sees one rank's rows, but the per-token layers run on fewer rows, which a CPU matrix
+    product may round otherwise (docs/parallelism.md, "Exactness")."""
 
     ring_degree: int = 1
     """Ranks that split each branch's image tokens along the sequence and pass key/value blocks
