@@ -6,7 +6,7 @@ STAMP := $(VENV)/.cfgpar-installed
 # torch 2.13.0 is a local CPU build on this kind of machine; a looser pin pulls a multi-GB CUDA build.
 TORCH := torch==2.13.0
 
-.PHONY: install demo test bench gpu-wheels clean
+.PHONY: install demo test bench docs gpu-wheels clean
 
 install: $(STAMP)
 
@@ -35,7 +35,6 @@ bench: install
 	$(VENV)/bin/cfgpar bench
 
 # docs/parameters.md, generated from the docstrings of the parameter dataclasses (tests/test_docs.py checks it).
-.PHONY: docs
 docs: install
 	$(PY) docs/gen_parameters.py
 

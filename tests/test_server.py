@@ -405,8 +405,9 @@ GENERATION_CASES = [
     ({"prompt": "x", "stream": True}, 400, "stream is not supported"),
     (b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 400, "nested too deeply"),
     ({"prompt": "x", "size": "99999999999999999999x8"}, 400, "over this server's limit"),
-    # passes the server's checks; the pipeline refuses it (RequestError) and the ranks go on
-    ({"prompt": "x", "size": "32x32", "image_guidance_scale": 2.0}, 400, "image-edit models only"),
+    # a parameter this model's family does not take: refused before it is queued (registry.check_request)
+    ({"prompt": "x", "size": "32x32", "image_guidance_scale": 2.0}, 400,
+     "image_guidance_scale applies to Bagel and Qwen-Image-Edit only; Qwen-Image does not take it"),
 ]
 
 

@@ -21,14 +21,14 @@ import pytest
 from PIL import Image
 from test_server import Server
 
-from cfgpar.request import StageMetrics
 from cfgpar.inputs.data import OmniDiffusionSamplingParams
 from cfgpar.outputs import OmniRequestOutput
+from cfgpar.request import StageMetrics
+from cfgpar.server.engine_thread import Job
 from cfgpar.server.errors import ServeError
 from cfgpar.server.metrics import Metrics
 from cfgpar.server.video_store import VideoRecord, VideoStore
 from cfgpar.server.videos import nearest_allowed
-from cfgpar.server.engine_thread import Job
 from cfgpar.testing.tiny_wan import write_tiny_wan
 from cfgpar.video_io import mp4_bytes, read_mp4
 
@@ -345,14 +345,16 @@ def test_image_to_video_upload_and_data_url(i2v):
 
 def test_video_request_on_an_image_model_names_the_image_endpoint():
     """(No image server here: the check itself, with the facts an image model reports.)"""
-    from cfgpar.server.app import ServerConfig
-    from cfgpar.server.videos import _video_model
+    from cfgpar.models.info import ModelInfo
+    from cfgpar.server.config import ServerConfig
+    from cfgpar.server.requests import served_model
 
     config = ServerConfig(model_name="tiny-t2i", cfg_parallel_size=1)
     for task, endpoint in (("text-to-image", "/v1/images/generations"), ("edit", "/v1/images/edits")):
-        worker = type("Worker", (), {"model_info": {"task": task, "output": "image", "size_unit": 16}})
+        info = ModelInfo(task=task, tasks=(task,), max_branches=2, output_kind="image", size_unit=16)
+        worker = type("Worker", (), {"model_info": info})
         with pytest.raises(ServeError, match=f"makes images, not videos; use POST {endpoint}") as refused:
-            _video_model(config, worker, None)
+            served_model(config, worker, None, "video")
         assert refused.value.status == 400
 
 

@@ -9,13 +9,14 @@ import time
 import pytest
 
 from cfgpar.engine.engine import EngineError
-from cfgpar.request import StageMetrics
 from cfgpar.inputs.data import OmniDiffusionSamplingParams
-from cfgpar.outputs import OmniRequestOutput
+from cfgpar.models.info import ModelInfo
 from cfgpar.models.pipeline import RequestError
+from cfgpar.outputs import OmniRequestOutput
+from cfgpar.request import StageMetrics
+from cfgpar.server.engine_thread import FAILED, READY, EngineThread, Job
 from cfgpar.server.errors import ServeError
 from cfgpar.server.metrics import Metrics
-from cfgpar.server.engine_thread import FAILED, READY, EngineWorker, Job
 
 PARAMS = OmniDiffusionSamplingParams(num_inference_steps=1)
 
@@ -26,7 +27,7 @@ class FakeOmni:
 
     def __init__(self, log: list, release: threading.Event):
         self.log, self.release, self.closed = log, release, False
-        self.model_info = {"task": "edit", "size_unit": 16}
+        self.model_info = ModelInfo(task="edit", tasks=("edit",), max_branches=2, size_unit=16)
         self.failure: EngineError | None = None
         self.rank_pids: list[int] = []
 
@@ -58,7 +59,7 @@ class Harness:
         self.ran, self.release, self.omnis = [], threading.Event(), []
         self.fail_builds_after = fail_builds_after
         self.metrics = Metrics()
-        self.worker = EngineWorker(self.build, queue_size=queue_size, metrics=self.metrics, restart_attempts=2,
+        self.worker = EngineThread(self.build, queue_size=queue_size, metrics=self.metrics, restart_attempts=2,
                                    restart_backoff_s=0.01)
         self.worker.start()
         wait_for(lambda: self.worker.state == READY)

@@ -1,4 +1,5 @@
-"""What a loaded model tells the engine, the CLI and the server: typed, one field a fact."""
+"""What a loaded model tells the engine, the CLI and the server: typed, one field a fact; and the
+frame-count rule of video models (ModelInfo.frame_unit), which the server applies too."""
 
 from __future__ import annotations
 
@@ -52,3 +53,18 @@ class ModelInfo:
     """Weights' dtype name, e.g. "float32" (set by the engine)."""
     layout: str = ""
     """The ranks' layout in words, e.g. "4 ranks: cfg 2 x ulysses 2" (set by Omni)."""
+
+
+def allowed_frames(frames: int, unit: int) -> tuple[int, int]:
+    """The frame counts unit * k + 1 nearest below (at least 1) and above `frames` (a video VAE
+    keeps the first frame and compresses each following `unit` frames into one latent frame)."""
+    below = max(1, (frames - 1) // unit * unit + 1)
+    return below, below + unit
+
+
+def frame_count_error(frames: int, unit: int) -> str | None:
+    """The one sentence for a frame count that is not unit * k + 1, naming the nearest allowed; None if allowed."""
+    if unit <= 1 or (frames >= 1 and frames % unit == 1):
+        return None
+    below, above = allowed_frames(frames, unit)
+    return f"num_frames must be {unit}k + 1 for this model; got {frames}, the nearest allowed are {below} and {above}."

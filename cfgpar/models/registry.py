@@ -92,11 +92,11 @@ def check_request(info: ModelInfo, params: OmniDiffusionSamplingParams, image_si
                if name not in SHARED_PARAMS and name not in spec.params and getattr(params, name) != default]
     if foreign:
         raise RequestError(_foreign_sentence(foreign, spec))
+    if spec.rules is not None:
+        import_object(spec.rules)(info, params, image_size)
     if params.num_inference_steps < info.min_steps:
         raise RequestError(f"num_inference_steps must be at least {info.min_steps} for this model ({spec.title}: its "
                            f"schedule has no span to run on fewer), got {params.num_inference_steps}.")
-    if spec.rules is not None:
-        import_object(spec.rules)(info, params, image_size)
 
 
 def _foreign_sentence(names: list[str], spec: ModelSpec) -> str:

@@ -16,8 +16,8 @@ import signal
 import socket
 from pathlib import Path
 
-from cfgpar.params import DEFAULT_NEGATIVE_PROMPT
 from cfgpar.cli_common import CliError, add_layout_args, parallel_config
+from cfgpar.params import DEFAULT_NEGATIVE_PROMPT
 
 logger = logging.getLogger("cfgpar.server")
 
@@ -58,7 +58,7 @@ def add_serve_parser(subparsers) -> None:
     p.add_argument("--max-video-store-mb", type=float, default=1024.0,
                    help="MiB of finished MP4s kept in memory at most; the oldest are dropped first (default 1024)")
     p.add_argument("--default-steps", type=int, default=None,
-                   help="num_inference_steps when a request has none (default: the model's: 20, Bagel 50)")
+                   help="num_inference_steps when a request has none (default: the model's own)")
     p.add_argument("--default-negative-prompt", default=DEFAULT_NEGATIVE_PROMPT,
                    help=f"negative prompt when a request has none (default {DEFAULT_NEGATIVE_PROMPT!r})")
     p.add_argument("--shutdown-timeout", type=float, default=10.0,
@@ -88,9 +88,10 @@ def run_serve(args) -> int:
     from cfgpar.models.embedded import default_model
     from cfgpar.models.loader import pipeline_path, resolve_model
     from cfgpar.omni import check_layout_fits
-    from cfgpar.server.app import Server, ServerConfig, create_app
+    from cfgpar.server.app import Server, create_app
+    from cfgpar.server.config import ServerConfig
+    from cfgpar.server.engine_thread import EngineThread
     from cfgpar.server.metrics import Metrics
-    from cfgpar.server.engine_thread import EngineWorker
 
     _check_args(args, CliError)
     parallel = parallel_config(args)
@@ -118,9 +119,9 @@ def run_serve(args) -> int:
         return Omni(folder, parallel, threads_per_rank=args.threads_per_rank, device=args.device, dtype=args.dtype,
                     progress_bar=False, watchdog=watchdog)
 
-    def on_ready(info: dict) -> None:
+    def on_ready(info) -> None:  # a ModelInfo
         logger.info("cfgpar serve: ready on %s | model %s (%s), %s, rank pids %s",
-                    url, name, info.get("task"), parallel.describe(), worker.rank_pids)
+                    url, name, info.task, parallel.describe(), engine.rank_pids)
 
     fatal: list[str] = []
 
@@ -129,13 +130,13 @@ def run_serve(args) -> int:
         server.should_exit = True
 
     metrics = Metrics()
-    worker = EngineWorker(build, queue_size=args.queue_size, metrics=metrics, restart_attempts=args.restart_attempts,
+    engine = EngineThread(build, queue_size=args.queue_size, metrics=metrics, restart_attempts=args.restart_attempts,
                           on_ready=on_ready, on_fatal=on_fatal)
-    app = create_app(config, worker, metrics)
+    app = create_app(config, engine, metrics)
     server = Server(uvicorn.Config(
         app, lifespan="on", log_level="info" if args.verbose else "warning", access_log=not args.no_access_log,
-        timeout_graceful_shutdown=args.shutdown_timeout + 15,  # a backstop: the worker answers by then
-    ), worker, grace_s=args.shutdown_timeout)
+        timeout_graceful_shutdown=args.shutdown_timeout + 15,  # a backstop: the engine thread answers by then
+    ), engine, grace_s=args.shutdown_timeout)
     if not args.no_access_log:  # uvicorn's own start-up chatter stays at "warning" unless --verbose
         logging.getLogger("uvicorn.access").setLevel(logging.INFO)
     logger.info("cfgpar serve: listening on %s; starting %s of %s", url, parallel.describe(), folder)
@@ -145,7 +146,7 @@ def run_serve(args) -> int:
     except _Stopped:
         pass
     finally:
-        worker.close(0.0)  # idempotent; covers a second Ctrl-C, which skips uvicorn's lifespan shutdown
+        engine.close(0.0)  # idempotent; covers a second Ctrl-C, which skips uvicorn's lifespan shutdown
         stop.restore()
         sock.close()
     if fatal:

@@ -28,8 +28,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cfgpar.engine.engine import EngineError
+from cfgpar.models.info import ModelInfo
 from cfgpar.params import OmniDiffusionSamplingParams
-from cfgpar.models.pipeline import RequestError
+from cfgpar.request import RequestError
 from cfgpar.server.errors import ServeError
 from cfgpar.server.metrics import Metrics
 
@@ -108,8 +109,9 @@ class JobQueue:
             self._cond.notify_all()
 
 
-class EngineWorker:
-    """Owns the Omni and the thread that runs it; see the module docstring.
+class EngineThread:
+    """Owns the Omni and the thread that runs it; see the module docstring. It uses the Omni's
+    public API only (generate, check, interrupt, failure, rank_pids, model_info, close).
 
     `build` makes a started Omni (it blocks while the ranks start). `on_ready` / `on_fatal` are
     called from the engine thread once the first Omni is up / when it could not be built.
@@ -117,7 +119,7 @@ class EngineWorker:
 
     def __init__(self, build: Callable[[], Any], *, queue_size: int, metrics: Metrics,
                  restart_attempts: int = 3, restart_backoff_s: float = 2.0,
-                 on_ready: Callable[[dict], None] | None = None, on_fatal: Callable[[str], None] | None = None):
+                 on_ready: Callable[[ModelInfo], None] | None = None, on_fatal: Callable[[str], None] | None = None):
         self._build = build
         self.queue = JobQueue(queue_size)
         self.metrics = metrics
@@ -126,8 +128,8 @@ class EngineWorker:
         self._on_ready, self._on_fatal = on_ready, on_fatal
         self.state = STARTING
         self.detail = "loading the model and starting the ranks"
-        self.model_info: dict | None = None
-        """The model's facts (task, size_unit, ...), set once the first Omni is up."""
+        self.model_info: ModelInfo | None = None
+        """The model's facts (task, size unit, defaults, ...), set once the first Omni is up."""
         self.restarts = 0
         self._omni = None
         self._busy = False
@@ -287,7 +289,7 @@ class EngineWorker:
             finally:
                 self._busy = False
             first = self.model_info is None
-            self.model_info = dict(self._omni.model_info)
+            self.model_info = self._omni.model_info
             self.state, self.detail = READY, "serving"
             self.metrics.engine_up.set(1)
             if first and self._on_ready:

@@ -1,5 +1,5 @@
-"""Checks shared by the image and the video endpoints: prompt, size, uploaded pictures, pydantic's
-errors in one line. Each raises ServeError (a 4xx in OpenAI's shape) naming what is wrong."""
+"""Checks shared by the image and the video endpoints: prompt, JSON body, size, uploaded pictures.
+Each raises ServeError (a 4xx in OpenAI's shape) naming what is wrong."""
 
 from __future__ import annotations
 
@@ -33,22 +33,6 @@ def parse_json_object(raw: bytes) -> dict:
     if not isinstance(data, dict):
         raise ServeError(400, f"the request body must be a JSON object, got {type(data).__name__}.")
     return data
-
-
-def validation_message(errors) -> tuple[str, str | None]:
-    """One line for the first problem, and the parameter it is about."""
-    error = errors[0]
-    loc = [str(part) for part in error.get("loc", ()) if part != "body"]
-    param = ".".join(loc) or None
-    if error["type"] == "missing":
-        return f"{param} is required.", param
-    if error["type"] == "extra_forbidden":
-        return f"unknown parameter {param!r}.", param
-    if error["type"] == "json_invalid":
-        return f"the request body is not valid JSON ({error.get('ctx', {}).get('error', error['msg'])}).", None
-    got = repr(error.get("input"))
-    got = got if len(got) <= 60 else got[:57] + "..."
-    return (f"{param}: {error['msg']}, got {got}." if param else f"{error['msg']}."), param
 
 
 def parse_size(size: str | None, unit: int, max_pixels: int) -> tuple[int | None, int | None]:

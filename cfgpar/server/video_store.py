@@ -4,7 +4,7 @@ Threads: the event loop adds, reads and removes records; the engine thread repor
 the job's end; one encoder thread turns the frames into an MP4, so that the engine can start the
 next job meanwhile. One lock guards the records.
 
-Bounds: a job waiting or running is bounded by the worker's queue; a finished one (completed or
+Bounds: a job waiting or running is bounded by the engine thread's queue; a finished one (completed or
 failed) is kept `ttl_s` seconds, and the oldest finished ones are dropped first once there are more
 than `max_videos` of them or their MP4s pass `max_bytes` (the newest one is always kept).
 """
@@ -20,9 +20,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from cfgpar.server.engine_thread import Job
 from cfgpar.server.errors import ServeError
 from cfgpar.server.metrics import VIDEO_STATUSES, Metrics
-from cfgpar.server.engine_thread import Job
 
 logger = logging.getLogger("cfgpar.server")
 

@@ -1,4 +1,4 @@
-"""OpenAI's Videos API for video models (Wan): create a job, poll it, download its MP4, delete it.
+"""OpenAI's Videos API for video models: create a job, poll it, download its MP4, delete it.
 
     POST   /v1/videos                 multipart/form-data (as the openai client sends) or JSON -> Video
     GET    /v1/videos                 newest first; limit, after, order
@@ -6,10 +6,12 @@
     GET    /v1/videos/{id}/content    the MP4 (variant=video only)
     DELETE /v1/videos/{id}            a queued job leaves the queue; a running one finishes, unkept
 
-Every request is checked here, before it is queued, with the rules the pipeline applies (size and
-frame units, image or not): a job that is accepted runs. A job takes one slot of the queue the
-image endpoints use (429 when it is full) and runs on the same engine thread. The HTTP request
-returns at once, so no request timeout applies to the job; nobody waits on it but the store.
+Every request is checked before it is queued (requests.py: the server's limits, then the model's
+own rules), so a job that is accepted runs. What is here is the Videos API's own: `seconds` at an
+fps becomes a frame count, `size` or width/height the output size, `input_reference` the first frame.
+A job takes one slot of the queue the image endpoints use (429 when it is full) and runs on the same
+engine thread. The HTTP request returns at once, so no request timeout applies to the job; nobody
+waits on it but the store.
 """
 
 from __future__ import annotations
@@ -18,23 +20,21 @@ import asyncio
 import base64
 import binascii
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, ValidationError
-from starlette.datastructures import UploadFile
-from starlette.formparsers import MultiPartException
+from PIL import Image
 
-from cfgpar.params import MAX_FPS, OmniDiffusionSamplingParams, allowed_frames, frame_count_error
+from cfgpar.models.info import ModelInfo, allowed_frames
+from cfgpar.params import MAX_FPS, OmniDiffusionSamplingParams
+from cfgpar.server.config import ServerConfig
+from cfgpar.server.engine_thread import EngineThread, Job
 from cfgpar.server.errors import ServeError
-from cfgpar.server.validation import (check_prompt, check_size, decode_image, parse_json_object, parse_size,
-                                      validation_message)
+from cfgpar.server.requests import (RequestFields, check_for_model, engine_prompt, read_form, read_json,
+                                    sampling_params, served_model, validated)
+from cfgpar.server.validation import check_size, decode_image, parse_size
 from cfgpar.server.video_store import VideoRecord, VideoStore, new_video_id
-from cfgpar.server.engine_thread import EngineWorker, Job
-
-if TYPE_CHECKING:
-    from cfgpar.server.app import ServerConfig
 
 REFERENCE = "input_reference"
 NOT_HERE = {
@@ -45,38 +45,25 @@ NOT_HERE = {
 LIST_LIMIT = 100
 
 
-class VideoParams(BaseModel):
-    """The text fields of POST /v1/videos (JSON values or multipart text fields).
+class VideoParams(RequestFields):
+    """The text fields of POST /v1/videos (JSON values or multipart text fields): OpenAI's fields,
+    and vLLM-Omni's extras cfgpar runs. OpenAI-client fields that mean nothing here are accepted and ignored."""
 
-    OpenAI's fields, vLLM-Omni's extras cfgpar runs, and OpenAI-client fields that mean nothing
-    here (accepted, ignored); any other name is refused, so that a misspelt option does not pass."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    prompt: str
-    model: str | None = None
     seconds: str | int | None = None
     """Whole seconds ("4", 8); the frames are the allowed count nearest seconds x fps."""
-    size: str | None = None
-    """"WIDTHxHEIGHT" (OpenAI's order), multiples of the model's size unit."""
     input_reference: Any = None
     """JSON only: {"image_url": "data:image/...;base64,..."}; multipart uploads it as a file."""
     num_frames: int | None = None
     fps: int | None = None
-    negative_prompt: str | None = None
     guidance_scale: float | None = None
     guidance_scale_2: float | None = None
     flow_shift: float | None = None
-    num_inference_steps: int | None = None
-    seed: int | None = None
     width: int | None = None
     height: int | None = None
-    user: Any = None
     metadata: Any = None
-    safety_identifier: Any = None
 
 
-def add_video_routes(app: FastAPI, config: ServerConfig, worker: EngineWorker, store: VideoStore) -> None:
+def add_video_routes(app: FastAPI, config: ServerConfig, engine: EngineThread, store: VideoStore) -> None:
     schema = VideoParams.model_json_schema()
     form_schema = {**schema, "properties": {**schema["properties"], REFERENCE: {"type": "string", "format": "binary"}}}
     create_schema = {"requestBody": {"required": True, "content": {
@@ -85,12 +72,12 @@ def add_video_routes(app: FastAPI, config: ServerConfig, worker: EngineWorker, s
     @app.post("/v1/videos", openapi_extra=create_schema)
     async def create(request: Request):
         """Queue a video job (OpenAI: videos.create); answers the Video at once, status "queued"."""
-        fields, upload = await _read_request(request)
+        fields, uploads = await _read_request(request)
         params = _validate(fields)
-        info = _video_model(config, worker, params.model)
+        info = served_model(config, engine, params.model, "video")
         prompt, sampling, record = _job(params, info, config)
-        _check_image(upload is not None or params.input_reference is not None, info)
-        image = await _reference_image(upload, params.input_reference, config)
+        image = await _input_image(uploads, params.input_reference, info, config)
+        check_for_model(info, sampling, image)
         if image is not None:
             prompt["multi_modal_data"] = {"image": image}
         job = Job(prompt, sampling, deadline=math.inf,
@@ -100,7 +87,7 @@ def add_video_routes(app: FastAPI, config: ServerConfig, worker: EngineWorker, s
         store.add(record)
         job.future.add_done_callback(lambda future: store.finished(record, future))
         try:
-            worker.submit(job)
+            engine.submit(job)
         except ServeError:
             store.discard(record)
             raise
@@ -151,136 +138,83 @@ def add_video_routes(app: FastAPI, config: ServerConfig, worker: EngineWorker, s
         cannot be stopped between steps, so it finishes and its frames are dropped."""
         record = store.remove(video_id)
         if record.job is not None:
-            worker.cancel(record.job, "deleted")
+            engine.cancel(record.job, "deleted")
         return {"id": video_id, "object": "video.deleted", "deleted": True}
 
 
 # ---- reading the request ------------------------------------------------------------------------
 
-async def _read_request(request: Request) -> tuple[dict[str, Any], bytes | None]:
+async def _read_request(request: Request) -> tuple[dict[str, Any], list[bytes]]:
     """The text fields, and the uploaded input_reference's bytes (multipart only)."""
     ctype = request.headers.get("content-type", "")
     if ctype.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
-        return await _read_form(request)
+        return await read_form(request, files=(REFERENCE,), max_files=4)
     if ctype and not ctype.startswith("application/json"):
         raise ServeError(400, f"send multipart/form-data (as OpenAI's client does) or JSON, not {ctype!r}.")
-    return parse_json_object(await request.body()), None
-
-
-async def _read_form(request: Request) -> tuple[dict[str, Any], bytes | None]:
-    try:
-        form = await request.form(max_files=4, max_fields=64)
-    except MultiPartException as exc:
-        raise ServeError(400, f"malformed multipart body: {exc.message}") from None
-    try:
-        fields: dict[str, Any] = {}
-        upload = None
-        for key, value in form.multi_items():
-            if key in fields or (key == REFERENCE and upload is not None):
-                raise ServeError(400, f"{key} is given twice.", param=key)
-            if isinstance(value, UploadFile):
-                if key != REFERENCE:
-                    raise ServeError(400, f"{key} must be a text field, not a file.", param=key)
-                upload = await value.read()
-            elif key == f"{REFERENCE}[image_url]" or key == f"{REFERENCE}[file_id]":
-                # openai's client sends a reference object {image_url | file_id} as bracketed fields
-                reference = fields.get(REFERENCE, {})
-                if upload is not None or not isinstance(reference, dict):
-                    raise ServeError(400, f"{REFERENCE} is given twice.", param=REFERENCE)
-                fields[REFERENCE] = {**reference, key[len(REFERENCE) + 1:-1]: value}
-            elif value != "" or key in ("prompt", "negative_prompt"):  # HTML forms send "" for blank
-                fields[key] = value
-        return fields, upload
-    finally:
-        await form.close()
+    return await read_json(request), []
 
 
 def _validate(fields: dict[str, Any]) -> VideoParams:
     for name, why in NOT_HERE.items():
         if name in fields:
             raise ServeError(400, f"{name} is not supported by this server: {why}", param=name)
-    try:
-        return VideoParams.model_validate(fields)
-    except ValidationError as exc:
-        message, param = validation_message(exc.errors())
-        raise ServeError(400, message, param=param) from None
-
-
-def _video_model(config: ServerConfig, worker: EngineWorker, model: str | None) -> dict:
-    """The served model's facts; 404/503 as the image endpoints, 400 when it makes images."""
-    if model not in (None, "", config.model_name):
-        raise ServeError(404, f"model {model!r} is not served here; this server serves {config.model_name!r} "
-                         "(GET /v1/models).", param="model", code="model_not_found")
-    info = worker.model_info
-    if info is None:
-        raise ServeError(503, "the model is still loading; retry when GET /health answers 200.",
-                         code="engine_starting", headers={"Retry-After": "5"})
-    if info.get("output") != "video":
-        endpoint = "POST /v1/images/edits" if info.get("task") == "edit" else "POST /v1/images/generations"
-        raise ServeError(400, f"model {config.model_name!r} makes images, not videos; use {endpoint}.",
-                         code="wrong_endpoint")
-    return info
+    return validated(VideoParams, fields)
 
 
 # ---- the job ------------------------------------------------------------------------------------
 
-def _job(params: VideoParams, info: dict, config: ServerConfig) -> tuple[dict, OmniDiffusionSamplingParams,
-                                                                          VideoRecord]:
+def _job(params: VideoParams, info: ModelInfo, config: ServerConfig) -> tuple[dict, OmniDiffusionSamplingParams,
+                                                                               VideoRecord]:
     """The engine's prompt and params, and the job's record (not yet stored); ServeError(400) if invalid."""
-    check_prompt(params.prompt)
+    prompt = engine_prompt(config, info, params.prompt, params.negative_prompt)
     width, height = _dimensions(params, info, config)
-    fps = info.get("default_fps") or 16 if params.fps is None else params.fps
-    if not 1 <= fps <= MAX_FPS:
+    fps = _model_default(info.default_fps, "fps") if params.fps is None else params.fps
+    if not 1 <= fps <= MAX_FPS:  # checked here: seconds x fps is a frame count before the params are made
         raise ServeError(400, f"fps must be between 1 and {MAX_FPS}, got {fps}.", param="fps")
     frames, seconds = _frames(params, info, fps, config)
-    if params.guidance_scale_2 is not None and info.get("experts", 1) < 2:
-        raise ServeError(400, "guidance_scale_2 applies to two-expert models (Wan 2.2 A14B); this model has one "
-                         "transformer.", param="guidance_scale_2")
-    try:
-        sampling = OmniDiffusionSamplingParams(
-            guidance_scale=params.guidance_scale, guidance_scale_2=params.guidance_scale_2,
-            num_inference_steps=config.default_steps or info["default_steps"] if params.num_inference_steps is None
-            else params.num_inference_steps,
-            seed=params.seed, height=height, width=width, num_frames=frames, fps=fps, flow_shift=params.flow_shift)
-    except (ValueError, TypeError) as exc:  # its messages name the field and the allowed range
-        raise ServeError(400, str(exc), param=str(exc).split(" ", 1)[0]) from None
-    negative = config.default_negative_prompt if params.negative_prompt is None else params.negative_prompt
+    sampling = sampling_params(
+        config, info, params.num_inference_steps, guidance_scale=params.guidance_scale,
+        guidance_scale_2=params.guidance_scale_2, seed=params.seed, height=height, width=width, num_frames=frames,
+        fps=fps, flow_shift=params.flow_shift)
     record = VideoRecord(id=new_video_id(), model=config.model_name, prompt=params.prompt, seconds=seconds,
                          size=f"{width}x{height}", details={"num_frames": frames, "fps": fps,
                                                             "cfg_parallel_size": config.cfg_parallel_size})
-    return {"prompt": params.prompt, "negative_prompt": negative}, sampling, record
+    return prompt, sampling, record
 
 
-def _dimensions(params: VideoParams, info: dict, config: ServerConfig) -> tuple[int, int]:
+def _model_default(value, param: str):
+    """The model's default for a field the request left out (a custom pipeline may name none: 400)."""
+    if value is None:
+        raise ServeError(400, f"{param} is required: this model has no default for it.", param=param)
+    return value
+
+
+def _dimensions(params: VideoParams, info: ModelInfo, config: ServerConfig) -> tuple[int, int]:
     """(width, height): `size`, or width/height (a missing one from the model's default), or the default."""
-    unit, (default_h, default_w) = info["size_unit"], info["default_size"]
-    width, height = parse_size(params.size, unit, config.max_output_pixels)
+    width, height = parse_size(params.size, info.size_unit, config.max_output_pixels)
     if width is not None:
         if params.width not in (None, width) or params.height not in (None, height):
             raise ServeError(400, f"size {params.size!r} and width/height ({params.width}x{params.height}) "
                              "disagree; give one of them.", param="size")
         return width, height
-    width = default_w if params.width is None else params.width
-    height = default_h if params.height is None else params.height
+    default_h, default_w = info.default_size or (None, None)
+    width = _model_default(default_w, "size") if params.width is None else params.width
+    height = _model_default(default_h, "size") if params.height is None else params.height
     given = params.width is not None or params.height is not None
-    check_size(width, height, unit, config.max_output_pixels, param="size" if not given else "width")
+    check_size(width, height, info.size_unit, config.max_output_pixels, param="size" if not given else "width")
     return width, height
 
 
-def _frames(params: VideoParams, info: dict, fps: int, config: ServerConfig) -> tuple[int, str]:
+def _frames(params: VideoParams, info: ModelInfo, fps: int, config: ServerConfig) -> tuple[int, str]:
     """(num_frames, the Video's `seconds`): num_frames if given, else from seconds x fps, else the
     model's default. `seconds` echoes the request's; otherwise it is the clip's length."""
-    unit = info.get("frame_unit") or 1
     seconds = _seconds(params.seconds)
-    if params.num_frames is not None:
+    if params.num_frames is not None:  # the model's frame rule is checked with its other rules (check_for_model)
         frames = params.num_frames
-        error = frame_count_error(frames, unit)
-        if error:
-            raise ServeError(400, error, param="num_frames")
     elif seconds is not None:
-        frames = nearest_allowed(seconds * fps, unit)
+        frames = nearest_allowed(seconds * fps, info.frame_unit)
     else:
-        frames = info.get("default_num_frames") or 81
+        frames = _model_default(info.default_num_frames, "num_frames")
     if frames > config.max_video_frames:
         how = f"{seconds} s at {fps} fps is {frames} frames" if params.num_frames is None and seconds else \
             f"num_frames {frames}"
@@ -292,7 +226,8 @@ def _frames(params: VideoParams, info: dict, fps: int, config: ServerConfig) -> 
 
 
 def nearest_allowed(frames: int, unit: int) -> int:
-    """The frame count unit*k + 1 nearest `frames`; on a tie the longer one (at least what was asked)."""
+    """The frame count unit*k + 1 (ModelInfo.frame_unit's rule) nearest `frames`; on a tie the longer
+    one (at least what was asked)."""
     below, above = allowed_frames(frames, unit)
     if below >= frames:  # `frames` is allowed
         return below
@@ -310,6 +245,25 @@ def _seconds(value: str | int | None) -> int | None:
 
 
 # ---- the input image -------------------------------------------------------------------------
+
+TAKES_NO_IMAGE, NEEDS_IMAGE = ("text-to-video",), ("image-to-video",)
+"""Tasks whose requests must not / must have a first frame (a text-image-to-video model takes either)."""
+
+
+async def _input_image(uploads: list[bytes], reference: Any, info: ModelInfo,
+                       config: ServerConfig) -> Image.Image | None:
+    """The first frame, checked against the model's task in the API's words (input_reference)
+    before it is decoded; None without one."""
+    if len(uploads) > 1 or (uploads and reference is not None):
+        raise ServeError(400, f"{REFERENCE} is given twice.", param=REFERENCE)
+    given = bool(uploads) or reference is not None
+    if given and info.task in TAKES_NO_IMAGE:
+        raise ServeError(400, f"this is a {info.task} model: it takes no input_reference.", param=REFERENCE)
+    if not given and info.task in NEEDS_IMAGE:
+        raise ServeError(400, f"this is an {info.task} model: input_reference is required (upload the first "
+                         "frame as multipart file field input_reference).", param=REFERENCE)
+    return await _reference_image(uploads[0] if uploads else None, reference, config)
+
 
 async def _reference_image(upload: bytes | None, reference: Any, config: ServerConfig):
     """The input picture from a multipart upload or a JSON {"image_url": data URL}; None if none.
@@ -333,12 +287,3 @@ async def _reference_image(upload: bytes | None, reference: Any, config: ServerC
     except (binascii.Error, ValueError):
         raise ServeError(400, "input_reference.image_url: the base64 payload is malformed.", param=REFERENCE) from None
     return await asyncio.to_thread(decode_image, data, config.max_image_pixels, REFERENCE)
-
-
-def _check_image(has_image: bool, info: dict) -> None:
-    task = info.get("task")
-    if has_image and task == "text-to-video":
-        raise ServeError(400, "this is a text-to-video model: it takes no input_reference.", param=REFERENCE)
-    if not has_image and task == "image-to-video":
-        raise ServeError(400, "this is an image-to-video model: input_reference is required (upload the first "
-                         "frame as multipart file field input_reference).", param=REFERENCE)

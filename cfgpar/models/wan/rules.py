@@ -5,7 +5,7 @@ a request is queued (models/registry.py's check_request, after the parameter che
 
 from __future__ import annotations
 
-from cfgpar.models.info import ModelInfo
+from cfgpar.models.info import ModelInfo, frame_count_error
 from cfgpar.params import OmniDiffusionSamplingParams
 from cfgpar.request import RequestError
 
@@ -45,18 +45,3 @@ def output_size(info: ModelInfo, params: OmniDiffusionSamplingParams) -> tuple[i
         raise RequestError(f"height and width must be multiples of {unit} px for this model, got {height}x{width} "
                            f"(e.g. {max(unit, height // unit * unit)}x{max(unit, width // unit * unit)}).")
     return height, width
-
-
-def allowed_frames(frames: int, unit: int) -> tuple[int, int]:
-    """The frame counts unit * k + 1 nearest below (at least 1) and above `frames` (a video VAE
-    keeps the first frame and compresses each following `unit` frames into one latent frame)."""
-    below = max(1, (frames - 1) // unit * unit + 1)
-    return below, below + unit
-
-
-def frame_count_error(frames: int, unit: int) -> str | None:
-    """The one sentence for a frame count that is not unit * k + 1, naming the nearest allowed; None if allowed."""
-    if unit <= 1 or (frames >= 1 and frames % unit == 1):
-        return None
-    below, above = allowed_frames(frames, unit)
-    return f"num_frames must be {unit}k + 1 for this model; got {frames}, the nearest allowed are {below} and {above}."
