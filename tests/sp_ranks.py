@@ -26,7 +26,7 @@ def run_layout(degrees: dict[str, int], jobs: list[tuple[str, list]], timeout_s:
     for proc in procs:
         proc.start()
     try:
-        result = queue.get(timeout=timeout_s)
+        result = _first_answer(queue, procs, timeout_s)
         for proc in procs:
             proc.join(timeout=60)
         assert all(proc.exitcode == 0 for proc in procs), [proc.exitcode for proc in procs]
@@ -41,26 +41,47 @@ def run_layout(degrees: dict[str, int], jobs: list[tuple[str, list]], timeout_s:
     return result
 
 
+def _first_answer(queue, procs, timeout_s: float):
+    """Rank 0's pictures or the first rank's traceback; a rank that died without a word (killed,
+    or dead before its try) is reported at once rather than after the timeout."""
+    import queue as queues
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            return queue.get(timeout=0.5)
+        except queues.Empty:
+            dead = [(rank, proc.exitcode) for rank, proc in enumerate(procs) if proc.exitcode not in (None, 0)]
+            if dead:  # its traceback, if it sent one, is in the queue by the time it exits
+                try:
+                    return queue.get(timeout=2)
+                except queues.Empty:
+                    return f"rank(s) died without a report (rank, exit code): {dead}"
+    return f"no answer within {timeout_s} s"
+
+
 def _rank(rank, rendezvous, degrees, jobs, queue) -> None:
     import traceback
 
-    import torch
-
-    from cfgpar.distributed.mesh import ParallelMesh, join, leave
-    from cfgpar.distributed.sequence_parallel import parallelize
-    from cfgpar.engine.denoise_loop import generate
-    from cfgpar.models.loader import import_pipeline, pipeline_path
-
-    torch.set_num_threads(1)
-    device = torch.device("cpu")
     try:
+        import torch
+
+        from cfgpar.distributed.mesh import ParallelMesh, join
+        from cfgpar.engine.denoise_loop import generate
+        from cfgpar.models.loader import pipeline_path
+        from cfgpar.models.registry import import_pipeline, parallelize
+
+        torch.set_num_threads(1)
+        device = torch.device("cpu")
         if rendezvous.world_size > 1:
             join(rendezvous, rank, device)
         mesh = ParallelMesh(degrees, device)
         pictures = []
         for folder, requests in jobs:
-            pipeline = import_pipeline(pipeline_path(folder)).from_pretrained(folder, device=device, dtype=torch.float32)
-            parallelize(pipeline, mesh)
+            path = pipeline_path(folder)
+            pipeline = import_pipeline(path).from_pretrained(folder, device=device, dtype=torch.float32)
+            parallelize(pipeline, path, mesh)
             results = [generate(pipeline, request, mesh) for request in requests]
             pictures.append([np.stack([np.asarray(im, dtype=np.int16) for im in _frames(r)]) for r in results]
                             if rank == 0 else None)
@@ -70,6 +91,8 @@ def _rank(rank, rendezvous, degrees, jobs, queue) -> None:
         queue.put(f"rank {rank}:\n{traceback.format_exc()}")
         raise SystemExit(1)
     finally:
+        from cfgpar.distributed.mesh import leave
+
         leave()
 
 
