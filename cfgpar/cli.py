@@ -73,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cfgpar", description="Diffusion with classifier-free guidance in parallel.")
     sub = parser.add_subparsers(dest="command", required=True)
     edit = sub.add_parser("edit", help="edit a picture as the prompt says")
-    edit.add_argument("--image", required=True, help="input picture (PNG, JPEG, ...)")
+    edit.add_argument("--image", required=True, action="append",
+                      help="input picture (PNG, JPEG, ...); repeat it for a model that takes several (up to 3)")
     _add_sampling_args(edit, size=True)
     edit.set_defaults(run=run_edit)
     gen = sub.add_parser("generate", help="text to image")
@@ -119,8 +120,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_edit(args) -> int:
-    image = open_image(args.image)
-    return _run(args, "edit", {"image": image}, default_output=Path(args.image).with_name(Path(args.image).stem + "_edited.png"))
+    images = [open_image(path) for path in args.image]
+    first = Path(args.image[0])
+    return _run(args, "edit", {"image": images if len(images) > 1 else images[0]},
+                default_output=first.with_name(first.stem + "_edited.png"))
 
 
 def run_generate(args) -> int:

@@ -201,23 +201,26 @@ def make_request(request_id: int, prompt: PromptType, params: OmniDiffusionSampl
     check_prompt_text(text)
     if negative is not None and not isinstance(negative, str):
         raise ValueError(f"prompt['negative_prompt'] must be a string or None, got {type(negative).__name__}.")
-    image = _image_of(prompt.get("multi_modal_data") or {})
+    images = _images_of(prompt.get("multi_modal_data") or {})
     seed = params.seed if params.seed is not None else random.SystemRandom().randrange(2**31)
-    return GenerationRequest(request_id, text, negative, image, params, seed)
+    return GenerationRequest(request_id, text, negative, images, params, seed)
 
 
-def _image_of(data: Mapping[str, Any]) -> Image.Image | None:
+def _images_of(data: Mapping[str, Any]) -> tuple[Image.Image, ...]:
+    """multi_modal_data's "image": one PIL image or a list of them (how many a model takes is its
+    rule: models/registry.py's check_request), as RGB."""
     unknown = set(data) - {"image"}
     if unknown:
         raise ValueError(f"unknown multi_modal_data keys {sorted(unknown)}; allowed: image.")
     image = data.get("image")
-    if isinstance(image, (list, tuple)):
-        if len(image) != 1:
-            raise ValueError(f"multi_modal_data['image'] takes one image, got {len(image)}.")
-        image = image[0]
-    if image is not None and not isinstance(image, Image.Image):
-        raise ValueError(f"multi_modal_data['image'] must be a PIL image, got {type(image).__name__}.")
-    return image.convert("RGB") if image is not None and image.mode != "RGB" else image
+    images = () if image is None else tuple(image) if isinstance(image, (list, tuple)) else (image,)
+    if isinstance(image, (list, tuple)) and not images:
+        raise ValueError("multi_modal_data['image'] is an empty list; give one picture or more, or leave it out.")
+    for item in images:
+        if not isinstance(item, Image.Image):
+            raise ValueError(f"multi_modal_data['image'] must be a PIL image or a list of them, got "
+                             f"{type(item).__name__}.")
+    return tuple(item if item.mode == "RGB" else item.convert("RGB") for item in images)
 
 
 def _params_for(params, count: int) -> list[OmniDiffusionSamplingParams]:

@@ -21,9 +21,20 @@ class GenerationRequest:
     request_id: int
     prompt: str
     negative_prompt: str | None
-    image: Image.Image | None
+    images: tuple[Image.Image, ...]
+    """The input pictures, RGB, in the order given (an edit's; an image-to-video's first frame)."""
     params: OmniDiffusionSamplingParams
     seed: int
+
+    @property
+    def image(self) -> Image.Image | None:
+        """The first input picture (what a model taking one reads), None without one."""
+        return self.images[0] if self.images else None
+
+    @property
+    def image_sizes(self) -> tuple[tuple[int, int], ...]:
+        """(width, height) of each input picture."""
+        return tuple(image.size for image in self.images)
 
 
 @dataclass

@@ -49,6 +49,17 @@ def tiny_qwen_edit(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_qwen_edit_plus(tmp_path_factory) -> Path:
+    """A tiny Qwen-Image-Edit-2509/2511 folder (one to three pictures), its pictures encoded at about
+    80x80 px (not diffusers' 1024x1024: for tests that compare cfgpar with itself)."""
+    from cfgpar.testing.tiny_models import write_tiny_qwen_image
+
+    return write_tiny_qwen_image(tmp_path_factory.mktemp("tiny-qwen") / "edit-plus", edit=True, plus=True,
+                                 max_pixels=TINY_EDIT_MAX_PIXELS, vae_scale_factor=8,
+                                 options={"condition_image_area": 80 * 80})
+
+
+@pytest.fixture(scope="session")
 def tiny_wan(tmp_path_factory):
     """kind -> a tiny Wan folder of that kind (cfgpar.testing.tiny_wan's kinds), each built once."""
     from cfgpar.testing.tiny_wan import write_tiny_wan

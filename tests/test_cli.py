@@ -9,7 +9,6 @@ import pytest
 from PIL import Image
 
 from cfgpar.testing.tiny_models import write_tiny_qwen_image
-from cfgpar.testing.tiny_wan import write_tiny_wan
 from cfgpar.video_io import read_mp4
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -17,7 +16,7 @@ EXAMPLES = ROOT / "examples" / "offline_inference"
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
+def models(tmp_path_factory, tiny_wan):
     root = tmp_path_factory.mktemp("cli")
     # Small condition images and outputs keep it fast.
     options = {"condition_image_area": 64 * 64, "default_image_size": 64}
@@ -25,9 +24,12 @@ def models(tmp_path_factory):
     t2i = write_tiny_qwen_image(root / "t2i", edit=False, vae_scale_factor=8, options=options)
     picture = root / "in.png"
     Image.new("RGB", (64, 64), (200, 30, 30)).save(picture)
-    wan = write_tiny_wan(root / "wan-t2v", kind="t2v")
-    wan_i2v = write_tiny_wan(root / "wan-i2v-a14b", kind="i2v-a14b")
-    return {"edit": edit, "t2i": t2i, "picture": picture, "wan": wan, "wan_i2v": wan_i2v}
+    edit_plus = write_tiny_qwen_image(root / "edit-plus", edit=True, plus=True, max_pixels=16 * 28 * 28,
+                                      vae_scale_factor=8, options=options)
+    second = root / "second.png"
+    Image.new("RGB", (48, 32), (20, 200, 40)).save(second)
+    return {"edit": edit, "t2i": t2i, "picture": picture, "wan": tiny_wan("t2v"), "wan_i2v": tiny_wan("i2v-a14b"),
+            "edit_plus": edit_plus, "second": second}
 
 
 def cli(*args, cwd=None):
@@ -61,6 +63,30 @@ def test_generate(models, tmp_path):
                "--height", 48, "--width", 32, "--output", out, "--cfg-parallel-size", 1, "--ring-degree", 2)
     assert done.returncode == 0, done.stderr[-2000:]
     assert Image.open(out).size == (32, 48) and "on 2 ranks: ring 2" in done.stdout
+
+
+@pytest.mark.surface
+def test_edit_with_several_pictures_from_the_cli_and_the_example_script(models, tmp_path):
+    """Qwen-Image-Edit-2509/2511 takes one to three pictures: `--image` repeated, the same request
+    from `cfgpar edit` and from the example script gives the same picture; one picture fewer does not."""
+    common = ["--model", models["edit_plus"], "--prompt", "the second picture's colour on the first",
+              "--num-inference-steps", 2, "--cfg-parallel-size", 2, "--threads-per-rank", 1]
+    script = EXAMPLES / "image_to_image" / "image_edit.py"
+    runs = {"cli": ("cli", [models["picture"], models["second"]]), "script": ("script", [models["picture"], models["second"]]),
+            "one": ("cli", [models["picture"]])}
+    outs = {}
+    for name, (how, images) in runs.items():
+        out = tmp_path / f"{name}.png"
+        pictures = [word for image in images for word in ("--image", image)]
+        if how == "cli":
+            done = cli("edit", *pictures, *common, "--output", out)
+        else:
+            done = subprocess.run([sys.executable, script, *map(str, pictures + common), "--output", str(out)],
+                                  capture_output=True, text=True, timeout=600, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr[-2000:]
+        outs[name] = pixels(out)
+    assert np.array_equal(outs["cli"], outs["script"])
+    assert not np.array_equal(outs["cli"], outs["one"])  # the second picture counts
 
 
 def frames(path) -> np.ndarray:

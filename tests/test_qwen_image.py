@@ -118,7 +118,7 @@ def test_pipeline_checks_requests(t2i_folder, edit_folder, input_image):
         with pytest.raises(RequestError, match="needs multi_modal_data"):
             engine.generate({"prompt": "x"}, OmniDiffusionSamplingParams(num_inference_steps=1, seed=0))
     with omni(t2i_folder, 1) as engine:
-        with pytest.raises(RequestError, match="image_guidance_scale applies to Bagel and Qwen-Image-Edit only; Qwen-Image does not take it"):
+        with pytest.raises(RequestError, match="image_guidance_scale applies to .*Qwen-Image-Edit.* only; Qwen-Image does not take it"):
             engine.generate("x", OmniDiffusionSamplingParams(num_inference_steps=1, image_guidance_scale=2.0))
         with pytest.raises(RequestError, match="num_inference_steps must be at least 2 for this model"):
             engine.generate("x", OmniDiffusionSamplingParams(num_inference_steps=1, seed=0))
@@ -132,5 +132,76 @@ def test_model_errors(tmp_path, t2i_folder):
     with pytest.raises(ModelLoadError, match="no such folder"):
         Omni(str(tmp_path / "missing" / "deep" / "path"))
     (tmp_path / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
-    with pytest.raises(ModelLoadError, match="'StableDiffusionPipeline'.*supported: QwenImageEditPipeline, QwenImagePipeline"):
+    with pytest.raises(ModelLoadError, match="'StableDiffusionPipeline'.*supported: QwenImageEditPipeline, .*QwenImagePipeline"):
         Omni(str(tmp_path))
+
+
+# ---- Qwen-Image-Edit-2509/2511: one to three pictures ------------------------------------------
+
+@pytest.fixture(scope="module")
+def edit_plus_folder(tmp_path_factory):
+    return write_tiny_qwen_image(tmp_path_factory.mktemp("qwen") / "edit-plus", edit=True, plus=True,
+                                 max_pixels=MAX_PIXELS, vae_scale_factor=8)
+
+
+def pictures(count: int) -> list[Image.Image]:
+    """`count` pictures of different sizes and aspect ratios."""
+    sizes = [(128, 96), (64, 96), (80, 80)][:count]
+    out = []
+    for k, (w, h) in enumerate(sizes):
+        y, x = np.mgrid[0:h, 0:w]
+        out.append(Image.fromarray(np.stack([(x * (2 + k)) % 256, y * 2, (x + y * k) % 256], axis=-1).astype(np.uint8)))
+    return out
+
+
+def test_edit_plus_matches_diffusers_with_one_two_and_three_pictures(edit_plus_folder):
+    """QwenImageEditPlusPipeline (Qwen-Image-Edit-2509/2511) on the same folder, within 1/255; the
+    control (another seed) moves diffusers' picture by more, so the comparison can fail. This tiny
+    model's conditioning moves its pixels by under one level (reversing the pictures: 0.2/255,
+    measured), so this checks the plumbing (sizes, schedule, noise, the pictures' token grids); the
+    tests below check that every picture counts, bit for bit."""
+    prompt = "put the objects of the pictures together"
+    params = OmniDiffusionSamplingParams(true_cfg_scale=4.0, num_inference_steps=2, seed=9, height=32, width=48)
+    with omni(edit_plus_folder, 2) as engine:
+        assert engine.model_info.max_images == 3
+        outs = [engine.generate({"prompt": prompt, "negative_prompt": NEG,
+                                 "multi_modal_data": {"image": pictures(n)}}, params)[0] for n in (1, 2, 3)]
+        with pytest.raises(RequestError, match="at most 3 input picture"):
+            engine.generate({"prompt": prompt, "multi_modal_data": {"image": pictures(3) + pictures(1)}}, params)
+    reference = diffusers_pipeline(edit_plus_folder, edit=True, plus=True)
+
+    def ref(n):
+        image = reference(image=pictures(n), prompt=prompt, negative_prompt=NEG, true_cfg_scale=4.0,
+                          num_inference_steps=2, height=32, width=48, generator=torch.Generator().manual_seed(9))
+        return np.asarray(image.images[0], dtype=np.int16)[None]
+
+    for n, out in zip((1, 2, 3), outs):
+        assert out.images[0].size == (48, 32)
+        assert np.abs(arrays(out) - ref(n)).max() <= 1, f"{n} picture(s)"
+    control = reference(image=pictures(3), prompt=prompt, negative_prompt=NEG, true_cfg_scale=4.0, num_inference_steps=2,
+                        height=32, width=48, generator=torch.Generator().manual_seed(10)).images[0]
+    assert np.abs(arrays(outs[2]) - np.asarray(control, dtype=np.int16)[None]).max() > 1
+
+
+@pytest.mark.exactness
+def test_edit_plus_three_branches_on_1_2_3_ranks_same_picture_at_same_threads_per_rank(tiny_qwen_edit_plus):
+    folder = tiny_qwen_edit_plus
+    prompt = {"prompt": "the second picture's colours on the first", "negative_prompt": NEG,
+              "multi_modal_data": {"image": pictures(2)}}
+    params = OmniDiffusionSamplingParams(true_cfg_scale=4.0, image_guidance_scale=1.5, num_inference_steps=2,
+                                         seed=4, height=32, width=32)
+    results = []
+    for size in (1, 2, 3):
+        with omni(folder, size) as engine:
+            (out,) = engine.generate(prompt, params)
+        assert out.metrics.num_branches == 3
+        results.append(arrays(out))
+    assert np.array_equal(results[0], results[1]) and np.array_equal(results[0], results[2])
+
+
+def test_qwen_image_2512_loads_as_qwen_image(tmp_path):
+    """Qwen/Qwen-Image-2512 is Qwen-Image's classes with new weights: its folder is served as Qwen-Image."""
+    from cfgpar.models.loader import pipeline_path
+
+    folder = write_tiny_qwen_image(tmp_path / "Qwen-Image-2512", edit=False, vae_scale_factor=8)
+    assert pipeline_path(folder) == "cfgpar.models.qwen_image.pipeline:QwenImagePipeline"

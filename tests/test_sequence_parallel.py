@@ -60,13 +60,16 @@ def input_image():
     return Image.fromarray(np.stack([x * 2, y * 2, (x + y) % 256], axis=-1).astype(np.uint8))
 
 
-def _jobs(t2i_folder, image, cfg, wan):
+def _jobs(t2i_folder, image, cfg, wan, plus):
     prompt = {"prompt": "a blue square on the left", "negative_prompt": NEG}
     t2i = [make_request(0, prompt, T2I), make_request(3, prompt, UNGUIDED)]
     edit = {"prompt": "make the circle blue", "negative_prompt": NEG, "multi_modal_data": {"image": image}}
     edits = [make_request(1, edit, EDIT3)] if cfg == 3 else [make_request(1, edit, EDIT), make_request(2, edit, EDIT3)]
     # Qwen-Image (tiny, 2 heads) and Qwen-Image-Edit (the embedded model: 4 heads, zero_cond_t)
     jobs = [(t2i_folder, [] if cfg == 3 else t2i), (EDIT_MODEL, edits)]
+    # Qwen-Image-Edit-2509/2511 with two pictures of different sizes: three image segments a forward
+    several = {**edit, "multi_modal_data": {"image": [image, image.resize((64, 96))]}}
+    jobs.append((plus, [make_request(7, several, EDIT3)]))
     if cfg < 3:  # Wan has two branches; its CLIP image context, per-token timesteps (both experts: test_wan)
         video = {"prompt": "a cat running in the park", "negative_prompt": "blurry", "multi_modal_data": {"image": image}}
         jobs += [(wan["i2v"], [make_request(5, video, WAN)]), (wan["ti2v"], [make_request(6, video, TI2V)])]
@@ -74,7 +77,7 @@ def _jobs(t2i_folder, image, cfg, wan):
 
 
 def _names(cfg) -> list[str]:
-    return ["edit3"] if cfg == 3 else ["t2i", "unguided", "edit", "edit3", "wan-i2v", "wan-ti2v"]
+    return ["edit3", "plus3"] if cfg == 3 else ["t2i", "unguided", "edit", "edit3", "plus3", "wan-i2v", "wan-ti2v"]
 
 
 def _degrees(cfg, ulysses, ring):
@@ -83,9 +86,10 @@ def _degrees(cfg, ulysses, ring):
 
 @pytest.mark.exactness
 def test_every_layout_within_one_level_of_one_rank_and_cfg_parallel_bit_identical(t2i_folder, input_image,
-                                                                                  wan_folders):
+                                                                                  wan_folders, tiny_qwen_edit_plus):
     def pictures(cfg, ulysses, ring):
-        got = run_layout(_degrees(cfg, ulysses, ring), _jobs(t2i_folder, input_image, cfg, wan_folders))
+        got = run_layout(_degrees(cfg, ulysses, ring),
+                         _jobs(t2i_folder, input_image, cfg, wan_folders, tiny_qwen_edit_plus))
         return dict(zip(_names(cfg), [p for job in got for p in job]))
 
     one_rank = pictures(1, 1, 1)

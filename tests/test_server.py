@@ -49,7 +49,9 @@ def models(tmp_path_factory):
     index = json.loads((edit / "model_index.json").read_text())
     (edit / "model_index.json").write_text(json.dumps({**index, "_cfgpar": {"condition_image_area": 128 * 128}}))
     t2i = write_tiny_qwen_image(root / "tiny-t2i", edit=False, vae_scale_factor=8)
-    return {"edit": edit, "t2i": t2i}
+    edit_plus = write_tiny_qwen_image(root / "tiny-edit-plus", edit=True, plus=True, vae_scale_factor=8,
+                                      max_pixels=16 * 28 * 28, options={"condition_image_area": 64 * 64})
+    return {"edit": edit, "t2i": t2i, "edit_plus": edit_plus}
 
 
 class Server:
@@ -297,6 +299,37 @@ def test_openai_edit_same_picture_on_1_and_2_ranks_at_same_threads_per_rank(serv
     assert np.array_equal(pixels(response.data[0].b64_json), results["a"][0])
 
 
+def test_openai_edit_with_several_pictures(models, tmp_path_factory, picture):
+    """Qwen-Image-Edit-2509/2511 through the official client: `image` a list of files, as OpenAI's
+    images.edit takes them; the server's picture is the offline one (same threads per rank)."""
+    import openai
+
+    from cfgpar import DiffusionParallelConfig, Omni, OmniDiffusionSamplingParams
+
+    second = png_bytes(40, 56)
+    extra = {"seed": 2, "num_inference_steps": 2, "negative_prompt": "blurry", "true_cfg_scale": 4.0}
+    files = [("in.png", picture, "image/png"), ("second.png", second, "image/png")]
+    server = start("plus", models["edit_plus"], tmp_path_factory, "--cfg-parallel-size", "2", "--default-steps", "2")
+    try:
+        c = client(server, key=None)
+        response = c.images.edit(image=files, prompt=PROMPT, size="32x32", extra_body=extra)
+        one = c.images.edit(image=files[:1], prompt=PROMPT, size="32x32", extra_body=extra)
+        with pytest.raises(openai.BadRequestError, match="at most 3 picture"):
+            c.images.edit(image=files * 2, prompt=PROMPT, size="32x32", extra_body=extra)
+    finally:
+        server.stop()
+    served = pixels(response.data[0].b64_json)
+    assert response.model_extra["cfgpar"]["num_branches"] == 2 and served.shape == (32, 32, 3)
+    assert not np.array_equal(pixels(one.data[0].b64_json), served)  # the second picture counts
+    with Omni(str(models["edit_plus"]), DiffusionParallelConfig(cfg_parallel_size=1), threads_per_rank=1,
+              progress_bar=False) as omni:
+        images = [Image.open(io.BytesIO(data)).convert("RGB") for data in (picture, second)]
+        (out,) = omni.generate({"prompt": PROMPT, "negative_prompt": "blurry", "multi_modal_data": {"image": images}},
+                               OmniDiffusionSamplingParams(seed=2, num_inference_steps=2, true_cfg_scale=4.0,
+                                                           height=32, width=32))
+    assert np.array_equal(np.asarray(out.images[0]), served)
+
+
 def test_openai_generate(server_c, picture):
     import openai
 
@@ -407,7 +440,7 @@ GENERATION_CASES = [
     ({"prompt": "x", "size": "99999999999999999999x8"}, 400, "over this server's limit"),
     # a parameter this model's family does not take: refused before it is queued (registry.check_request)
     ({"prompt": "x", "size": "32x32", "image_guidance_scale": 2.0}, 400,
-     "image_guidance_scale applies to Bagel and Qwen-Image-Edit only; Qwen-Image does not take it"),
+     "image_guidance_scale applies to Bagel"),
 ]
 
 

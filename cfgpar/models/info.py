@@ -19,6 +19,8 @@ class ModelInfo:
     """Every task the model serves (Bagel: text-to-image and edit)."""
     max_branches: int
     """Most guidance branches a request can have."""
+    max_images: int = 1
+    """Most input pictures a request can carry (an edit's; whether it needs one is the family's rule)."""
     output_kind: str = "image"
     """"image" or "video"."""
     size_unit: int = 16

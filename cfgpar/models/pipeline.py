@@ -95,7 +95,7 @@ class DiffusionPipeline(ABC):
     def check(self, request: GenerationRequest) -> None:
         """The request rules that need no weights (models/registry.py's check_request, which the
         server also runs before it queues a request); RequestError on a bad request."""
-        check_request(self.info(), request.params, request.image.size if request.image is not None else None)
+        check_request(self.info(), request.params, request.image_sizes)
 
     @classmethod
     @abstractmethod

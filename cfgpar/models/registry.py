@@ -13,7 +13,7 @@ from pathlib import Path
 
 from cfgpar.models.bagel import BAGEL
 from cfgpar.models.info import ModelInfo
-from cfgpar.models.qwen_image import QWEN_IMAGE, QWEN_IMAGE_EDIT
+from cfgpar.models.qwen_image import QWEN_IMAGE, QWEN_IMAGE_EDIT, QWEN_IMAGE_EDIT_PLUS
 from cfgpar.models.spec import ModelLoadError, ModelSpec, PipelineFacts, import_object
 from cfgpar.models.wan import WAN
 from cfgpar.params import SHARED_PARAMS, OmniDiffusionSamplingParams
@@ -22,6 +22,7 @@ from cfgpar.request import RequestError
 FAMILIES: tuple[ModelSpec, ...] = (
     QWEN_IMAGE,
     QWEN_IMAGE_EDIT,
+    QWEN_IMAGE_EDIT_PLUS,
     WAN,
     BAGEL,
 )
@@ -80,11 +81,12 @@ def parallelize(pipeline, pipeline_path: str, mesh) -> None:
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(OmniDiffusionSamplingParams)}
 
 
-def check_request(info: ModelInfo, params: OmniDiffusionSamplingParams, image_size: tuple[int, int] | None) -> None:
+def check_request(info: ModelInfo, params: OmniDiffusionSamplingParams,
+                  image_sizes: tuple[tuple[int, int], ...] = ()) -> None:
     """The one check of a request against a loaded model that needs no weights: a parameter the
     model's family does not take is refused, naming the models that take it; then the family's own
     rules (frame counts, sizes, an input image where one is needed) and its fewest steps. RequestError on a bad request.
-    `image_size` is the input image's (width, height), None without one."""
+    `image_sizes` are the input pictures' (width, height), none without any."""
     spec = family(info.family)
     if spec is None:  # a custom pipeline checks its own requests
         return
@@ -92,8 +94,10 @@ def check_request(info: ModelInfo, params: OmniDiffusionSamplingParams, image_si
                if name not in SHARED_PARAMS and name not in spec.params and getattr(params, name) != default]
     if foreign:
         raise RequestError(_foreign_sentence(foreign, spec))
+    if len(image_sizes) > info.max_images:
+        raise RequestError(f"this model takes at most {info.max_images} input picture(s), got {len(image_sizes)}.")
     if spec.rules is not None:
-        import_object(spec.rules)(info, params, image_size)
+        import_object(spec.rules)(info, params, image_sizes)
     if params.num_inference_steps < info.min_steps:
         raise RequestError(f"num_inference_steps must be at least {info.min_steps} for this model ({spec.title}: its "
                            f"schedule has no span to run on fewer), got {params.num_inference_steps}.")

@@ -70,7 +70,7 @@ def add_image_routes(app: FastAPI, config: ServerConfig, engine: EngineThread) -
         params = validated(ImageParams, await read_json(request))
         info = _image_model(config, engine, params.model, "text-to-image")
         prompt, sampling, fmt = _job(params, info, config)
-        check_for_model(info, sampling, None)
+        check_for_model(info, sampling, [])
         return await _run(request, config, engine, prompt, sampling, fmt)
 
     @app.post("/v1/images/edits")
@@ -86,13 +86,13 @@ def add_image_routes(app: FastAPI, config: ServerConfig, engine: EngineThread) -
         if not uploads:
             raise ServeError(400, "image is required: upload the picture to edit as multipart file field 'image'.",
                              param="image")
-        if len(uploads) > 1:
-            raise ServeError(400, f"this model edits one picture per request; got {len(uploads)} images.",
-                             param="image")
+        if len(uploads) > info.max_images:
+            raise ServeError(400, f"this model edits at most {info.max_images} picture(s) per request; got "
+                             f"{len(uploads)} images.", param="image")
         prompt, sampling, fmt = _job(params, info, config)
-        image = await asyncio.to_thread(decode_image, uploads[0], config.max_image_pixels)
-        check_for_model(info, sampling, image)
-        prompt["multi_modal_data"] = {"image": image}
+        images = [await asyncio.to_thread(decode_image, upload, config.max_image_pixels) for upload in uploads]
+        check_for_model(info, sampling, images)
+        prompt["multi_modal_data"] = {"image": images if len(images) > 1 else images[0]}
         return await _run(request, config, engine, prompt, sampling, fmt)
 
 

@@ -126,10 +126,10 @@ def _wrong_output(name: str, info: ModelInfo) -> str:
     return f"model {name!r} makes images, not videos; use {endpoint}."
 
 
-def check_for_model(info: ModelInfo, params: OmniDiffusionSamplingParams, image: Image.Image | None) -> None:
+def check_for_model(info: ModelInfo, params: OmniDiffusionSamplingParams, images: list[Image.Image]) -> None:
     """The model's own rules (the ones its pipeline applies, models/registry.py), as a 400."""
     try:
-        check_request(info, params, image.size if image is not None else None)
+        check_request(info, params, tuple(image.size for image in images))
     except RequestError as exc:
         raise ServeError(400, str(exc)) from None
 

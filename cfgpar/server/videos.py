@@ -77,7 +77,7 @@ def add_video_routes(app: FastAPI, config: ServerConfig, engine: EngineThread, s
         info = served_model(config, engine, params.model, "video")
         prompt, sampling, record = _job(params, info, config)
         image = await _input_image(uploads, params.input_reference, info, config)
-        check_for_model(info, sampling, image)
+        check_for_model(info, sampling, [] if image is None else [image])
         if image is not None:
             prompt["multi_modal_data"] = {"image": image}
         job = Job(prompt, sampling, deadline=math.inf,

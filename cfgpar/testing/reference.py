@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def diffusers_pipeline(folder: Path, *, edit: bool):
-    """diffusers' QwenImagePipeline (or QwenImageEditPipeline) with every component loaded from
-    `folder`. The processor is transformers' own, built without its video half (torchvision)."""
+def diffusers_pipeline(folder: Path, *, edit: bool, plus: bool = False):
+    """diffusers' QwenImagePipeline (or QwenImageEditPipeline, or with `plus` QwenImageEditPlusPipeline)
+    with every component loaded from `folder`. The processor is transformers' own, built without its video half (torchvision)."""
     import diffusers
     from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
 
@@ -23,7 +23,7 @@ def diffusers_pipeline(folder: Path, *, edit: bool):
     )
     if edit:
         components["processor"] = load_reference_processor(folder / "processor")
-        pipe = diffusers.QwenImageEditPipeline(**components)
+        pipe = (diffusers.QwenImageEditPlusPipeline if plus else diffusers.QwenImageEditPipeline)(**components)
     else:
         pipe = diffusers.QwenImagePipeline(**components)
     pipe.set_progress_bar_config(disable=True)

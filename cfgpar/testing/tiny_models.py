@@ -312,10 +312,11 @@ def _text_encoder_config(tokenizer, *, hidden_size: int, num_layers: int):
     )
 
 
-def model_index(edit: bool) -> dict:
-    """model_index.json of Qwen/Qwen-Image (edit=False) or Qwen/Qwen-Image-Edit (edit=True)."""
+def model_index(edit: bool, plus: bool = False) -> dict:
+    """model_index.json of Qwen/Qwen-Image (edit=False), Qwen/Qwen-Image-Edit (edit=True) or
+    Qwen/Qwen-Image-Edit-2509/2511 (plus=True too)."""
     index = {
-        "_class_name": "QwenImageEditPipeline" if edit else "QwenImagePipeline",
+        "_class_name": ("QwenImageEditPlusPipeline" if plus else "QwenImageEditPipeline") if edit else "QwenImagePipeline",
         "_diffusers_version": DIFFUSERS_VERSION,
         "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
         "text_encoder": ["transformers", "Qwen2_5_VLForConditionalGeneration"],
@@ -356,6 +357,7 @@ def write_tiny_qwen_image(
     vae_scale_factor: int = 4,
     max_pixels: int = QWEN_VL_MAX_PIXELS,
     options: dict | None = None,
+    plus: bool = False,
 ) -> Path:
     """Write a tiny random-weight Qwen-Image (or, with ``edit=True``, Qwen-Image-Edit) folder.
 
@@ -365,7 +367,8 @@ def write_tiny_qwen_image(
     VAE) or 8 (the real VAE's down-sampling, much faster on 1024x1024 edit inputs); ``z_dim`` is
     at most 16. ``max_pixels`` bounds the condition image that the edit processor feeds the
     vision tower (the real value is the default). ``options`` become model_index.json's
-    ``"_cfgpar"`` entry (see cfgpar.models.loader.model_options). Each component is initialised under
+    ``"_cfgpar"`` entry (see cfgpar.models.loader.model_options). ``plus=True`` (with ``edit``)
+    names the pipeline of Qwen-Image-Edit-2509/2511, which takes one to three pictures. Each component is initialised under
     ``torch.manual_seed(seed)``, so equal arguments write equal weights; the caller's RNG state
     is left untouched. Returns the folder.
     """
@@ -417,7 +420,7 @@ def write_tiny_qwen_image(
     tokenizer.save_pretrained(path / "tokenizer")
     if edit:
         write_processor_folder(path / "processor", tokenizer=tokenizer, max_pixels=max_pixels)
-    index = model_index(edit)
+    index = model_index(edit, plus)
     if options:
         index["_cfgpar"] = dict(options)
     _write_json(path / "model_index.json", index)

@@ -17,7 +17,8 @@ MAX_PIXELS = 14 * 14 * 9 * 1024
 """The official ImageTransform's cap."""
 
 
-def check(info: ModelInfo, params: OmniDiffusionSamplingParams, image_size: tuple[int, int] | None) -> None:
+def check(info: ModelInfo, params: OmniDiffusionSamplingParams, image_sizes: tuple[tuple[int, int], ...]) -> None:
+    image_size = image_sizes[0] if image_sizes else None
     if params.think:
         raise RequestError("Bagel's think mode (reasoning in text before the image) is not supported: "
                            "send the request with think=False.")

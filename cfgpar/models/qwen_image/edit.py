@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 
 from cfgpar.request import GenerationRequest
 from cfgpar.guidance import Branch, Guidance, make_combine, norm_preserving_dual_cfg
@@ -44,6 +45,8 @@ class QwenImageEditPipeline(QwenImagePipeline):
     facts = QWEN_IMAGE_EDIT.facts
     family = QWEN_IMAGE_EDIT.family
     task = "edit"
+    template, template_drop = EDIT_TEMPLATE, EDIT_TEMPLATE_DROP
+    """The text encoder's prompt template, and how many of its first tokens are dropped."""
 
     def __init__(self, *, processor: QwenVLProcessor, condition_area: int = CONDITION_AREA, **components):
         super().__init__(**components)
@@ -70,22 +73,33 @@ class QwenImageEditPipeline(QwenImagePipeline):
         return Guidance((*guidance.branches, unconditional), combine)
 
     def output_size(self, request: GenerationRequest) -> tuple[int, int]:
-        cond_w, cond_h = condition_size(*request.image.size, self.condition_area)
+        """(height, width): the request's, else the last input picture's aspect ratio at the condition area."""
+        cond_w, cond_h = condition_size(*request.images[-1].size, self.condition_area)
         return rounded_size(self.unit, request.params.height or cond_h, request.params.width or cond_w)
+
+    def pictures(self, request: GenerationRequest) -> list[tuple[Image.Image, torch.Tensor]]:
+        """Each input picture as (what the text encoder sees, the VAE's input [1, 3, 1, H, W] in [-1, 1]):
+        here one picture, resized to the condition area for both."""
+        cond_w, cond_h = condition_size(*request.image.size, self.condition_area)
+        resized = self.image_processor.resize(request.image, cond_h, cond_w)
+        return [(resized, self.image_processor.preprocess(resized, cond_h, cond_w).unsqueeze(2))]
+
+    def instruction(self, prompt: str, pictures: int) -> str:
+        """The text the edit template wraps (the pictures' vision tokens are in the template here)."""
+        return prompt
 
     @torch.no_grad()
     def prepare(self, request: GenerationRequest, rows: list[int]) -> RequestState:
         height, width = self.output_size(request)
-        cond_w, cond_h = condition_size(*request.image.size, self.condition_area)
-        resized = self.image_processor.resize(request.image.convert("RGB"), cond_h, cond_w)
-        pixels = self.image_processor.preprocess(resized, cond_h, cond_w).unsqueeze(2)  # [1, 3, 1, H, W]
-        image_latents = self._encode_image(pixels.to(self.device, self.dtype))
-        out_grid, cond_grid = self._token_grid(height, width), self._token_grid(cond_h, cond_w)
-        plan = self._plan(
-            request, rows, height, width,
-            prompt_image=resized, img_shapes=[[out_grid, cond_grid]], text_img_shapes=[[out_grid]],
-        )
-        plan.token_inputs["image_latents"] = image_latents.expand(plan.latents.shape[0], -1, -1)
+        pictures = self.pictures(request)
+        out_grid = self._token_grid(height, width)
+        grids = [self._token_grid(pixels.shape[-2], pixels.shape[-1]) for _, pixels in pictures]
+        plan = self._plan(request, rows, height, width, prompt_images=[image for image, _ in pictures],
+                          img_shapes=[[out_grid, *grids]], text_img_shapes=[[out_grid]])
+        # One token input a picture: sequence parallelism shards each image segment on its own.
+        for i, (_, pixels) in enumerate(pictures):
+            latents = self._encode_image(pixels.to(self.device, self.dtype))
+            plan.token_inputs[f"image_latents_{i}"] = latents.expand(plan.latents.shape[0], -1, -1)
         return plan
 
     def _encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -103,14 +117,15 @@ class QwenImageEditPipeline(QwenImagePipeline):
                 [T2I_TEMPLATE.format(branch.prompt)], padding=True, return_tensors="pt"
             ).to(self.device)
             return self._repeat(self._embed(tokens, T2I_TEMPLATE_DROP), plan, img_shapes=plan.extras["text_img_shapes"])
+        images = plan.extras["prompt_images"]
         inputs = self.processor(
-            text=[EDIT_TEMPLATE.format(branch.prompt)], images=plan.extras["prompt_image"],
+            text=[self.template.format(self.instruction(branch.prompt, len(images)))], images=images,
             padding=True, return_tensors="pt",
         ).to(self.device)
-        return self._repeat(self._embed(inputs, EDIT_TEMPLATE_DROP), plan, img_shapes=plan.extras["img_shapes"])
+        return self._repeat(self._embed(inputs, self.template_drop), plan, img_shapes=plan.extras["img_shapes"])
 
     @torch.no_grad()
     def predict(self, plan: RequestState, branch: Branch, cond: dict[str, Any], latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         tokens = latents.shape[1]
-        model_input = torch.cat([latents, plan.token_inputs["image_latents"]], dim=1) if branch.use_image else latents
+        model_input = torch.cat([latents, *plan.token_inputs.values()], dim=1) if branch.use_image else latents
         return super().predict(plan, branch, cond, model_input, t)[:, :tokens]

@@ -17,10 +17,10 @@ TEMPORAL = 4
 """Wan's VAE temporal compression: frame counts are 4k + 1 (a folder's VAE config says its own)."""
 
 
-def check(info: ModelInfo, params: OmniDiffusionSamplingParams, image_size: tuple[int, int] | None) -> None:
-    if image_size is not None and info.task == "text-to-video":
+def check(info: ModelInfo, params: OmniDiffusionSamplingParams, image_sizes: tuple[tuple[int, int], ...]) -> None:
+    if image_sizes and info.task == "text-to-video":
         raise RequestError("this is a text-to-video model: it takes no input image (drop multi_modal_data.image).")
-    if image_size is None and info.task == "image-to-video":
+    if not image_sizes and info.task == "image-to-video":
         raise RequestError("this is an image-to-video model: the prompt needs multi_modal_data={'image': <PIL image>}.")
     if params.guidance_scale_2 is not None and info.experts == 1:
         raise RequestError("guidance_scale_2 applies to two-expert models (Wan 2.2 A14B); this model has one "

@@ -20,7 +20,8 @@ from cfgpar.models.embedded import default_model
 def main() -> None:
     parser = argparse.ArgumentParser(description="Edit an image with CFG-Parallel.")
     parser.add_argument("--model", default=None, help="hub id or local folder (default: the embedded model)")
-    parser.add_argument("--image", required=True, help="input image")
+    parser.add_argument("--image", required=True, action="append",
+                        help="input image; repeat for models that take several (Qwen-Image-Edit-2509/2511: up to 3)")
     parser.add_argument("--prompt", required=True, help="edit instruction")
     parser.add_argument("--negative-prompt", default="low quality, blurry")
     parser.add_argument("--cfg-scale", type=float, default=4.0, help="true_cfg_scale")
@@ -30,7 +31,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    input_image = open_image(args.image)  # before any rank starts: a wrong path costs no start-up
+    images = [open_image(path) for path in args.image]  # before any rank starts: a wrong path costs no start-up
     omni = Omni(
         model=args.model or str(default_model("edit")),
         parallel_config=parallel_config(args),
@@ -41,7 +42,7 @@ def main() -> None:
         {
             "prompt": args.prompt,
             "negative_prompt": args.negative_prompt,
-            "multi_modal_data": {"image": input_image},
+            "multi_modal_data": {"image": images if len(images) > 1 else images[0]},
         },
         OmniDiffusionSamplingParams(
             true_cfg_scale=args.cfg_scale, num_inference_steps=args.num_inference_steps, seed=args.seed
