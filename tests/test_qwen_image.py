@@ -102,11 +102,15 @@ def test_edit_same_picture_on_1_and_2_ranks_at_same_threads_per_rank(small_condi
 def test_edit_three_branch_guidance_on_1_2_3_ranks_same_picture_at_same_threads_per_rank(small_condition_folder,
                                                                                         input_image):
     prompt = {"prompt": "make the circle blue", "negative_prompt": NEG, "multi_modal_data": {"image": input_image}}
+    assert_three_branches_same_on_1_2_3_ranks(small_condition_folder, prompt, seed=3)
+
+
+def assert_three_branches_same_on_1_2_3_ranks(folder, prompt: dict, seed: int) -> None:
     params = OmniDiffusionSamplingParams(true_cfg_scale=4.0, image_guidance_scale=1.5, num_inference_steps=2,
-                                         seed=3, height=32, width=32)
+                                         seed=seed, height=32, width=32)
     results = []
     for size in (1, 2, 3):
-        with omni(small_condition_folder, size) as engine:
+        with omni(folder, size) as engine:
             (out,) = engine.generate(prompt, params)
         assert out.metrics.num_branches == 3
         results.append(arrays(out))
@@ -185,18 +189,9 @@ def test_edit_plus_matches_diffusers_with_one_two_and_three_pictures(edit_plus_f
 
 @pytest.mark.exactness
 def test_edit_plus_three_branches_on_1_2_3_ranks_same_picture_at_same_threads_per_rank(tiny_qwen_edit_plus):
-    folder = tiny_qwen_edit_plus
     prompt = {"prompt": "the second picture's colours on the first", "negative_prompt": NEG,
               "multi_modal_data": {"image": pictures(2)}}
-    params = OmniDiffusionSamplingParams(true_cfg_scale=4.0, image_guidance_scale=1.5, num_inference_steps=2,
-                                         seed=4, height=32, width=32)
-    results = []
-    for size in (1, 2, 3):
-        with omni(folder, size) as engine:
-            (out,) = engine.generate(prompt, params)
-        assert out.metrics.num_branches == 3
-        results.append(arrays(out))
-    assert np.array_equal(results[0], results[1]) and np.array_equal(results[0], results[2])
+    assert_three_branches_same_on_1_2_3_ranks(tiny_qwen_edit_plus, prompt, seed=4)
 
 
 def test_qwen_image_2512_loads_as_qwen_image(tmp_path):
