@@ -72,7 +72,7 @@ def inputs(pipe, side: int, text_tokens: int, config: dict):
         return torch.randn(*shape, generator=gen).to(device, dtype)
 
     plan = RequestState(latents=rand(1, tokens, 64), timesteps=torch.tensor([1000.0]),
-                extras={"img_shapes": [[grid, grid]]}, token_inputs={"image_latents": rand(1, tokens, 64)})
+                extras={"img_shapes": [[grid, grid]]}, token_inputs={"image_latents_0": rand(1, tokens, 64)})
     branches = [Branch("positive", "p"), Branch("negative", "n")]
     conds = [dict(embeds=rand(1, text_tokens, config["joint_attention_dim"]), img_shapes=[[grid, grid]])
              for _ in branches]
@@ -146,7 +146,9 @@ def main(argv=None) -> int:
 
     import tempfile
 
-    from cfgpar.bench.cost_model import INTERCONNECTS, RequestCosts, speedup
+    from cfgpar.planning.communication import allgather_s
+    from cfgpar.planning.interconnects import BF16, INTERCONNECTS
+    from cfgpar.planning.request_costs import RequestCosts, speedup
 
     if not args.dry and not torch.cuda.is_available():
         parser.error("no CUDA GPU here; use --dry to check the script on CPU")
@@ -166,7 +168,7 @@ def main(argv=None) -> int:
               f"{time.perf_counter() - start:.1f}s", flush=True)
         plan, branches, conds = inputs(pipe, side, text_tokens, config)
         t = torch.tensor(500.0, device=device)
-        latents, cond_latents = plan.latents, plan.token_inputs["image_latents"]
+        latents, cond_latents = plan.latents, plan.token_inputs["image_latents_0"]
         scale = 4.0
 
         def cfgpar_step():
@@ -201,9 +203,10 @@ def main(argv=None) -> int:
     print(f"cfgpar / diffusers per step: {ratio:.3f} (same prediction bit for bit: {same})")
     forward = results["cfgpar"]["step_s"] / 2
     print(f"cost model, 2 GPUs, 50 steps, the measured forward {forward * 1e3:.1f} ms (denoise loop only):")
-    for link, gather in INTERCONNECTS.items():
+    for link in INTERCONNECTS.values():
+        gather = allgather_s(link, (side // 16) ** 2 * 64 * BF16, 2)  # one [1, tokens, 64] bf16 prediction a rank
         d, _ = speedup(RequestCosts(forward_s=forward, steps=50, allgather_s=gather), 2)
-        print(f"  {link}: {d:.3f}x")
+        print(f"  {link.name}: {d:.3f}x")
     if args.json:
         args.json.write_text(json.dumps(dict(device=str(device), dtype=str(dtype), side=side, text_tokens=text_tokens,
                                              params=params, same=same, ratio=ratio, sequence_parallel_ulysses_1=sharded,

@@ -255,7 +255,7 @@ def test_cli_example_and_server_at_cfg_3_give_the_one_rank_pictures(folder, pipe
 
 
 def test_cost_model_counts_the_official_guided_steps():
-    from cfgpar.bench.bagel_model import BagelLoad, bagel_table, loop_s
+    from cfgpar.models.bagel.cost import BagelLoad, bagel_table, loop_s
 
     edit, t2i = BagelLoad(edit=True), BagelLoad(edit=False)
     # shifted t = 3t / (1 + 2t) > 0.4  <=>  t > 2/11: points 0..40 of linspace(1, 0, 50), the last never run

@@ -101,7 +101,7 @@ def test_only_a_family_and_the_registry_import_a_family():
 
 
 LAYERS = (
-    ("cfgpar.params", "cfgpar.config", "cfgpar.guidance", "cfgpar.request", "cfgpar.video_io"),
+    ("cfgpar.params", "cfgpar.config", "cfgpar.guidance", "cfgpar.request", "cfgpar.video_io", "cfgpar.planning"),
     ("cfgpar.distributed",),
     ("cfgpar.models",),
     ("cfgpar.engine",),

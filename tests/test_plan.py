@@ -11,17 +11,19 @@ import pytest
 
 import cfgpar
 from cfgpar import cli
-from cfgpar.bench import cost_model
-from cfgpar.bench import layout_model as lm
-from cfgpar.bench import video_model as vm
+from cfgpar.models.qwen_image import cost as lm
+from cfgpar.models.wan import cost as vm
 from cfgpar.plan import KNOWN_MODELS
+from cfgpar.planning import request_costs as cost_model
+from cfgpar.planning.interconnects import INTERCONNECTS, Interconnect
+from cfgpar.planning.layouts import Layout, LayoutPrediction, layouts
 
 ASSETS = Path(cfgpar.__file__).parent / "assets"
-NVLINK, PCIE = lm.INTERCONNECTS["nvlink"], lm.INTERCONNECTS["pcie"]
+NVLINK, PCIE = INTERCONNECTS["nvlink"], INTERCONNECTS["pcie"]
 EDIT = lm.QWEN_IMAGE_EDIT
 
 
-def by_layout(px: int, gpus: int, link: lm.Interconnect) -> dict[lm.Layout, lm.LayoutPrediction]:
+def by_layout(px: int, gpus: int, link: Interconnect) -> dict[Layout, LayoutPrediction]:
     return {p.layout: p for p in lm.rank_layouts(EDIT, lm.workload(EDIT, px, px, 50), gpus, link)}
 
 
@@ -29,7 +31,7 @@ def by_layout(px: int, gpus: int, link: lm.Interconnect) -> dict[lm.Layout, lm.L
 @pytest.mark.parametrize("branches", [2, 3])
 def test_layouts_are_every_valid_degree_triple_once(gpus, branches):
     heads = 24
-    found = lm.layouts(gpus, heads, branches)
+    found = layouts(gpus, heads, branches)
     for lay in found:
         assert lay.cfg * lay.ulysses * lay.ring == gpus
         assert heads % lay.ulysses == 0
@@ -44,16 +46,16 @@ def test_ranking_is_by_predicted_end_to_end_time(px, gpus, link):
     ranked = lm.rank_layouts(EDIT, lm.workload(EDIT, px, px, 50), gpus, link)
     totals = [p.total_s for p in ranked]
     assert totals == sorted(totals)
-    one = lm.predict_layout(EDIT, lm.workload(EDIT, px, px, 50), lm.Layout(), link).total_s
+    one = lm.predict_layout(EDIT, lm.workload(EDIT, px, px, 50), Layout(), link).total_s
     assert all(p.speedup == pytest.approx(one / p.total_s) for p in ranked)
 
 
 def test_one_gpu_reproduces_the_published_times_and_cfg_alone_the_cfg_cost_model():
     for model, published in ((EDIT, 32.833), (lm.QWEN_IMAGE, 12.770)):
-        assert lm.predict_layout(model, lm.workload(model, 1024, 1024, 50), lm.Layout(), NVLINK).total_s == \
+        assert lm.predict_layout(model, lm.workload(model, 1024, 1024, 50), Layout(), NVLINK).total_s == \
             pytest.approx(published, rel=1e-6)
-    costs = cost_model.GPU_SCENARIOS["Qwen-Image-Edit 1024x1024, 50 steps, H100"]
-    cfg2 = lm.predict_layout(EDIT, lm.workload(EDIT, 1024, 1024, 50), lm.Layout(cfg=2), NVLINK)
+    costs = lm.GPU_SCENARIOS["Qwen-Image-Edit 1024x1024, 50 steps, H100"]
+    cfg2 = lm.predict_layout(EDIT, lm.workload(EDIT, 1024, 1024, 50), Layout(cfg=2), NVLINK)
     assert cfg2.total_s == pytest.approx(cost_model.predict(costs, 2).total_s, rel=1e-3)
     assert cfg2.comm_share < 1e-3  # one small all-gather a step
 
@@ -82,7 +84,7 @@ def test_the_image_free_third_branch_is_cheaper():
     load = lm.workload(EDIT, 1024, 1024, 50, branches=3)
     (image, text), _, (image3, text3) = load.branch_tokens()
     assert image3 == image - 4096 and text3 < text
-    assert lm.rank_layouts(EDIT, load, 3, NVLINK)[0].layout == lm.Layout(cfg=3)
+    assert lm.rank_layouts(EDIT, load, 3, NVLINK)[0].layout == Layout(cfg=3)
 
 
 # ---- cfgpar plan ------------------------------------------------------------------------------
@@ -97,7 +99,7 @@ def test_plan_on_the_tiny_edit_model_prints_the_ranked_table_and_the_best_comman
     assert rc == 0 and not err
     lines = out.splitlines()
     head = next(i for i, line in enumerate(lines) if line.split()[:2] == ["rank", "layout"])
-    rows = lines[head + 1: head + 1 + len(lm.layouts(8, 4, 2))]  # the tiny model has 4 heads
+    rows = lines[head + 1: head + 1 + len(layouts(8, 4, 2))]  # the tiny model has 4 heads
     assert [int(row.split()[0]) for row in rows] == list(range(1, len(rows) + 1))
     totals = [float(row.split()[-3]) for row in rows]
     assert totals == sorted(totals)
@@ -208,25 +210,25 @@ def test_wan_splits_everything_but_the_context_projections_and_embeddings():
     projections and the embeddings are whole on every rank; no text token is in the self-attention."""
     shape, tokens = A14B.transformer, 75_600
     d = shape.inner_dim
-    context = vm.forward_flops(shape, 0, lm.Layout())  # 4 d^2 K a layer + the text embedder
+    context = vm.forward_flops(shape, 0, Layout())  # 4 d^2 K a layer + the text embedder
     patches = 2 * tokens * 4 * d * (shape.in_channels + shape.out_channels)  # patch embedding, proj_out
-    split = vm.forward_flops(shape, tokens, lm.Layout()) - context - patches
-    for lay in (lm.Layout(ulysses=2), lm.Layout(ring=2), lm.Layout(ulysses=8), lm.Layout(cfg=2, ulysses=2, ring=2)):
+    split = vm.forward_flops(shape, tokens, Layout()) - context - patches
+    for lay in (Layout(ulysses=2), Layout(ring=2), Layout(ulysses=8), Layout(cfg=2, ulysses=2, ring=2)):
         s = lay.ulysses * lay.ring
         assert vm.forward_flops(shape, tokens, lay) == pytest.approx(split / s + context + patches)
     # Self-attention is 4 L^2 d a layer: over 70% of the work at 720p, 81 frames.
-    assert 4 * tokens ** 2 * d * shape.num_layers / vm.forward_flops(shape, tokens, lm.Layout()) > 0.7
+    assert 4 * tokens ** 2 * d * shape.num_layers / vm.forward_flops(shape, tokens, Layout()) > 0.7
 
 
 def test_wan_communication_is_the_all_to_alls_ring_sends_and_one_gather_per_forward():
     shape, tokens, d = A14B.transformer, 75_600, 5120
-    assert vm.forward_comm_s(shape, tokens, lm.Layout(cfg=2), NVLINK) == 0.0
-    u2 = vm.forward_comm_s(shape, tokens, lm.Layout(ulysses=2), NVLINK)
+    assert vm.forward_comm_s(shape, tokens, Layout(cfg=2), NVLINK) == 0.0
+    u2 = vm.forward_comm_s(shape, tokens, Layout(ulysses=2), NVLINK)
     a2a = 40 * (2 * NVLINK.latency_s + 4 * 2 * tokens / 2 * d / 2 / NVLINK.bus_bw)
     gather = NVLINK.latency_s + 2 * tokens / 2 * d / NVLINK.bus_bw
     assert u2 == pytest.approx(a2a + gather)
     load = vm.video_workload(A14B, 1280, 720, 81, 40)
-    cfg2 = vm.predict_video_layout(A14B, load, lm.Layout(cfg=2), NVLINK)
+    cfg2 = vm.predict_video_layout(A14B, load, Layout(cfg=2), NVLINK)
     assert cfg2.comm_share < 1e-4  # one [16, 21, 90, 160] bf16 prediction a step
 
 
@@ -236,13 +238,13 @@ def test_wan_cfg_2_beats_ulysses_2_on_2_gpus_at_480x832():
     for model in (vm.WAN21_T2V_14B, vm.WAN21_T2V_1_3B):
         ranked = vm.rank_video_layouts(model, vm.video_workload(model, 832, 480, 81, 40), 2, NVLINK)
         by = {p.layout: p for p in ranked}
-        assert ranked[0].layout == lm.Layout(cfg=2)
-        assert 1.0 < by[lm.Layout(ulysses=2)].total_s / by[lm.Layout(cfg=2)].total_s < 1.1
+        assert ranked[0].layout == Layout(cfg=2)
+        assert 1.0 < by[Layout(ulysses=2)].total_s / by[Layout(cfg=2)].total_s < 1.1
 
 
 def test_wan_video_is_decoded_on_rank_0_whatever_the_layout():
     load = vm.video_workload(A14B, 1280, 720, 81, 40)
-    for lay in (lm.Layout(), lm.Layout(cfg=2, ulysses=4), lm.Layout(ulysses=8)):
+    for lay in (Layout(), Layout(cfg=2, ulysses=4), Layout(ulysses=8)):
         p = vm.predict_video_layout(A14B, load, lay, NVLINK)
         encode = vm.VIDEO_COSTS.encode_shared_s + math.ceil(2 / lay.cfg) * vm.VIDEO_COSTS.encode_branch_s
         assert p.total_s - p.denoise_s - encode == pytest.approx(vm.decode_s(A14B, load))
@@ -262,7 +264,7 @@ def test_plan_ranks_the_layouts_of_a_wan_folder_and_prints_a_video_command(capsy
     assert rc == 0 and not err
     lines = out.splitlines()
     assert lines[0].startswith(f"{folder} (text-to-video, 2 experts") and "75,600 video tokens" in lines[0]
-    rows = lines[2: 2 + len(lm.layouts(gpus, 40, 2))]
+    rows = lines[2: 2 + len(layouts(gpus, 40, 2))]
     totals = [float(row.split()[-3]) for row in rows]
     assert totals == sorted(totals)
     best = lines[-1]
@@ -364,3 +366,25 @@ def test_unknown_hub_id_offline_is_one_sentence_at_once(capsys, monkeypatch):
     rc, out, err = plan(capsys, "--gpus", 4, "--model", "someone/not-cached-anywhere")
     assert rc == 2 and time.monotonic() - start < 5
     assert err.count("\n") == 1 and "cannot be reached from here and it is not in the local cache" in err, err
+
+
+# ---- the shared machinery and the registry -----------------------------------------------------
+def test_the_shared_gpu_throughput_is_the_published_text_to_image_fit():
+    """planning.transformer carries the reference forward's FLOP count; the family whose published
+    forward it is counts the same FLOPs (so Wan and Bagel are timed as before)."""
+    from cfgpar.planning import transformer
+
+    image, text = lm.workload(lm.QWEN_IMAGE, 1024, 1024, 50).branch_tokens()[0]
+    assert lm.forward_flops(lm.QWEN_IMAGE.transformer, image, text, Layout()) == transformer.REFERENCE_FORWARD_FLOPS
+    assert lm.throughput(lm.QWEN_IMAGE) == transformer.H100_FLOPS
+    assert lm.throughput(EDIT) != transformer.H100_FLOPS  # control: the edit fit is its own
+
+
+def test_plan_finds_a_bagel_folder_by_its_files(capsys, tmp_path):
+    (tmp_path / "llm_config.json").write_text("{}")  # the first of Bagel's marker files: no model_index.json
+    rc, out, err = plan(capsys, "--gpus", 2, "--model", tmp_path)
+    assert rc == 0 and not err and out.startswith(f"{tmp_path} (Bagel: its branches on 1 to 3 CFG ranks)")
+    assert out.splitlines()[-1].startswith(f"Best: cfgpar edit --model {tmp_path} --image IN.png")
+    (tmp_path / "llm_config.json").unlink()  # control: without it the folder is no model at all
+    rc, out, err = plan(capsys, "--gpus", 2, "--model", tmp_path)
+    assert rc == 2 and "has no model_index.json" in err

@@ -33,7 +33,7 @@ def build(root: Path) -> Path:
 
 def guided_steps(point: Point) -> int:
     """Steps inside the default cfg_interval (0.4, 1] of the official shifted schedule."""
-    from cfgpar.bench.bagel_model import BagelLoad
+    from cfgpar.models.bagel.cost import BagelLoad
 
     return BagelLoad(steps=point.steps).guided_steps()
 

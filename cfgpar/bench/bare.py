@@ -119,7 +119,8 @@ def _rank_main(spec: BareSpec, rank: int, rendezvous: RendezvousInfo, conn) -> N
 def _setup(spec: BareSpec, rank: int, rendezvous: RendezvousInfo):
     """Load the model, build this rank's branches' inputs; return the timed loop."""
     from cfgpar.engine.rank import quiet_libraries
-    from cfgpar.models.loader import import_pipeline, pipeline_path
+    from cfgpar.models.loader import pipeline_path
+    from cfgpar.models.registry import import_pipeline
     from cfgpar.omni import make_request
 
     quiet_libraries()

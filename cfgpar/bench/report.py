@@ -97,7 +97,7 @@ def markdown(results: Results) -> str:
                  f"{ours['denoise_s'] / theirs['denoise_s']:.2f} denoise (<= 1.0: cfgpar is not slower).")
     if "three_branch_skipped" in h:
         lines.append(f"Three branches: skipped ({h['three_branch_skipped']}).")
-    lines += ["", "Sweep (text-to-image, 2 branches), measured vs cost model (cfgpar.bench.cost_model):", "",
+    lines += ["", "Sweep (text-to-image, 2 branches), measured vs cost model (cfgpar.planning.request_costs):", "",
               "| px | tokens | steps | denoise 1 s | denoise 2 s | denoise speedup | predicted | end-to-end speedup | "
               "predicted | error |",
               "|---|---|---|---|---|---|---|---|---|---|"]

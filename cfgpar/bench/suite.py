@@ -16,12 +16,12 @@ from pathlib import Path
 import torch
 
 from cfgpar.bench import bagel, sequence, video
-from cfgpar.bench.cost_model import RequestCosts, speedup
 from cfgpar.bench.measure import (
     Point, beside_bare, cfgpar_row, interleaved, measure_allgather, measure_diffusers, median_row, open_omni,
     versus_bare,
 )
 from cfgpar.omni import available_cores
+from cfgpar.planning.request_costs import RequestCosts, speedup
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -1,5 +1,5 @@
 """Bagel's flow schedule and guidance interval, as the official generate_image has them: a
-light module, shared by the pipeline and the cost model (bench/bagel_model.py)."""
+light module, shared by the pipeline and the cost model (cost.py)."""
 
 from __future__ import annotations
 

@@ -1,30 +1,31 @@
-"""The layout cost model for Wan 2.1 / 2.2 video (WanTransformer3DModel): cfg x ulysses x ring.
+"""The cost model of Wan 2.1 / 2.2 video (WanTransformer3DModel) for `cfgpar plan`: every layout of
+N GPUs, cfg x ulysses x ring (the interface: cfgpar/planning/__init__.py).
 
-The same layouts as layout_model.py, a different forward. A request of `frames` frames at W x H px
-has L = F (H/P) (W/P) video tokens: F = (frames - 1)/4 + 1 latent frames, P = VAE scale x patch
-(8 x 2 = 16 for the Wan 2.1 VAE, 16 x 2 = 32 for Wan 2.2's z_dim-48 VAE of TI2V-5B). The text (UMT5,
-padded to 512 tokens, + 257 CLIP tokens for Wan 2.1 I2V: K context tokens in all) is never in the
-self-attention: each block is self-attention over the video tokens, cross-attention of the video
-queries against the K context keys, and the MLP. Sequence parallelism shards the video tokens
-inside the transformer (models/wan/parallelize.py); the patch embedding and output projection run
-whole on every rank. With d = heads x head_dim, f = ffn_dim, s = u*r, b = 2 bytes, per block, on
-one rank, one forward of one branch:
+A request of `frames` frames at W x H px has L = F (H/P) (W/P) video tokens: F = (frames - 1)/4 + 1
+latent frames, P = VAE scale x patch (8 x 2 = 16 for the Wan 2.1 VAE, 16 x 2 = 32 for Wan 2.2's
+z_dim-48 VAE of TI2V-5B). The text (UMT5, padded to 512 tokens, + 257 CLIP tokens for Wan 2.1 I2V:
+K context tokens in all) is never in the self-attention: each block is self-attention over the
+video tokens, cross-attention of the video queries against the K context keys, and the MLP.
+Sequence parallelism shards the video tokens inside the transformer (models/wan/parallelize.py);
+the patch embedding and output projection run whole on every rank. With d = heads x head_dim,
+f = ffn_dim, s = u*r, b = 2 bytes, per block, on one rank, one forward of one branch
+(planning/transformer.py and planning/communication.py):
 
     flops   = 2 (6 d^2 + 2 d f) L/s                   self q, k, v, out; cross q, out; the MLP (2 FLOPs a MAC)
             + 4 d^2 K                                 cross k, v of the context: every rank, whole
-            + 4 (L/r) L d/u + 4 (L/s) K d             self-attention (as layout_model.py), cross-attention
+            + 4 (L/r) L d/u + 4 (L/s) K d             self-attention, cross-attention
     ulysses = a2a(3 b L/s d) + a2a(b L/s d)           q, k, v in (one fused all-to-all), the output back
-    ring    = (r-1) p2p(2 b L/r d/u)                  K and V blocks, not overlapped (as layout_model.py)
+    ring    = (r-1) p2p(2 b L/r d/u)                  K and V blocks, not overlapped
 
 and once per forward, gather(b L/s d) of the blocks' output over the s ranks (every rank then
 holds the whole hidden states and runs norm_out / proj_out itself). Per step, one all-gather of the
 CFG ranks' [C, F, H/8, W/8] bf16 predictions (whole, not sharded: each sp rank holds all of it).
 Two-expert models (Wan 2.2 A14B) run one expert a step, so a step costs one 14B forward a branch.
 
-Throughput: layout_model.throughput(QWEN_IMAGE), the fit to SGLang's published H100 Qwen-Image
-forward (one FLOP count for every model; see docs/performance.md "Video: Wan" for why this and
-not SGLang PR #15163's Wan figure). Encoding and decoding (VIDEO_COSTS) are SGLang's H100 CI
-stage times for Wan 14B; the video is decoded on rank 0 alone whatever the layout.
+Throughput: planning.transformer.H100_FLOPS, the fit to SGLang's published H100 forward of a
+text-to-image DiT (one FLOP count for every model; see docs/performance.md "Video: Wan" for why
+this and not SGLang PR #15163's Wan figure). Encoding and decoding (VIDEO_COSTS) are SGLang's H100
+CI stage times for Wan 14B; the video is decoded on rank 0 alone whatever the layout.
 """
 
 from __future__ import annotations
@@ -32,26 +33,19 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
-from cfgpar.bench.cost_model import RequestCosts, predict
-from cfgpar.bench.layout_model import (
-    BF16,
-    INTERCONNECTS,
-    QWEN_IMAGE,
-    SEQUENCE_PARALLEL_EFFICIENCY,
-    Interconnect,
-    Layout,
-    LayoutPrediction,
-    layouts,
-    ranked,
-    throughput,
-)
+from cfgpar.models.info import allowed_frames
+from cfgpar.models.spec import ModelLoadError
+from cfgpar.models.wan.rules import DEFAULT_FRAMES, DEFAULT_HEIGHT, DEFAULT_STEPS, DEFAULT_WIDTH, TEMPORAL
+from cfgpar.params import OmniDiffusionSamplingParams
+from cfgpar.planning.command import PlanError, PlanRequest, layout_words, model_words, parse_size, table
+from cfgpar.planning.communication import allgather_s, ring_s, ulysses_s
+from cfgpar.planning.interconnects import BF16, INTERCONNECTS, Interconnect
+from cfgpar.planning.layouts import Layout, LayoutPrediction, layouts, ranked
+from cfgpar.planning.request_costs import RequestCosts, predict
+from cfgpar.planning.transformer import H100_FLOPS, layer_flops, rank_throughput
 
-TEXT_TOKENS = 512  # UMT5 context, padded to max_sequence_length (diffusers' WanPipeline default)
+TEXT_TOKENS = OmniDiffusionSamplingParams.max_sequence_length  # UMT5 context, padded to max_sequence_length (512)
 CLIP_TOKENS = 257  # Wan 2.1 I2V: CLIP ViT-H/14 penultimate states, 16x16 patches + the class token
-TEMPORAL = 4  # both Wan VAEs: 4 frames to a latent frame, after the first
-DEFAULT_SIZE = (832, 480)  # cfgpar.models.wan.pipeline: WIDTH x HEIGHT when the request names none
-DEFAULT_FRAMES = 81
-DEFAULT_STEPS = 40  # `cfgpar video`'s default, and Wan 2.2's recommended
 
 # SGLang's H100 CI baselines (sgl-project/sglang python/sglang/multimodal_gen/test/server/
 # perf_baselines/h100.json), "wan2_1_t2v_14b_2gpu", 720x480: TextEncodingStage 325.79 ms (taken as
@@ -106,7 +100,7 @@ class WanShape:
 
 
 @dataclass(frozen=True, kw_only=True)
-class VideoModelSpec:
+class VideoModel:
     """A Wan model as the planner sees it."""
 
     name: str
@@ -131,18 +125,38 @@ class VideoModelSpec:
 WAN22_A14B_CONFIG = {"_class_name": "WanTransformer3DModel", "num_layers": 40, "num_attention_heads": 40,
                      "attention_head_dim": 128, "ffn_dim": 13824, "text_dim": 4096, "in_channels": 16,
                      "out_channels": 16, "patch_size": [1, 2, 2]}
-WAN22_T2V_A14B = VideoModelSpec(name="Wan-AI/Wan2.2-T2V-A14B-Diffusers", task="text-to-video",
-                                transformer=WanShape.from_config(WAN22_A14B_CONFIG), experts=2)
+WAN22_T2V_A14B = VideoModel(name="Wan-AI/Wan2.2-T2V-A14B-Diffusers", task="text-to-video",
+                            transformer=WanShape.from_config(WAN22_A14B_CONFIG), experts=2)
 WAN21_T2V_14B = replace(WAN22_T2V_A14B, name="Wan-AI/Wan2.1-T2V-14B-Diffusers", experts=1)
-WAN21_T2V_1_3B = VideoModelSpec(name="Wan-AI/Wan2.1-T2V-1.3B-Diffusers", task="text-to-video",
-                                transformer=WanShape.from_config({**WAN22_A14B_CONFIG, "num_layers": 30,
-                                                                  "num_attention_heads": 12, "ffn_dim": 8960}))
-WAN22_TI2V_5B = VideoModelSpec(name="Wan-AI/Wan2.2-TI2V-5B-Diffusers", task="text-image-to-video",
-                               transformer=WanShape.from_config({**WAN22_A14B_CONFIG, "num_layers": 30,
-                                                                 "num_attention_heads": 24, "ffn_dim": 14336,
-                                                                 "in_channels": 48, "out_channels": 48}))
+WAN21_T2V_1_3B = VideoModel(name="Wan-AI/Wan2.1-T2V-1.3B-Diffusers", task="text-to-video",
+                            transformer=WanShape.from_config({**WAN22_A14B_CONFIG, "num_layers": 30,
+                                                              "num_attention_heads": 12, "ffn_dim": 8960}))
+WAN22_TI2V_5B = VideoModel(name="Wan-AI/Wan2.2-TI2V-5B-Diffusers", task="text-image-to-video",
+                           transformer=WanShape.from_config({**WAN22_A14B_CONFIG, "num_layers": 30,
+                                                             "num_attention_heads": 24, "ffn_dim": 14336,
+                                                             "in_channels": 48, "out_channels": 48}))
 WAN22_I2V_A14B = replace(WAN22_T2V_A14B, name="Wan-AI/Wan2.2-I2V-A14B-Diffusers", task="image-to-video",
                          transformer=replace(WAN22_T2V_A14B.transformer, in_channels=36))
+KNOWN = {m.name: m for m in (WAN21_T2V_1_3B, WAN21_T2V_14B, WAN22_T2V_A14B, WAN22_I2V_A14B, WAN22_TI2V_5B)}
+"""Hub id -> the model whose published config cfgpar carries (the registry card's hub_ids)."""
+TASKS = {"WanPipeline": "text-to-video", "WanImageToVideoPipeline": "image-to-video"}
+"""model_index.json `_class_name` -> the task (WanPipeline with expand_timesteps, TI2V-5B: "text-image-to-video")."""
+TRANSFORMERS = ("WanTransformer3DModel",)
+"""A folder with this transformer is a Wan one whatever its pipeline's class name (a fine-tune's own)."""
+
+
+def from_configs(name: str, index: dict, config: dict) -> VideoModel:
+    """A Wan folder: its task from the pipeline class (and expand_timesteps), its experts from transformer_2."""
+    try:
+        shape = WanShape.from_config(config)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ModelLoadError(f"model {name!r}: transformer/config.json lacks or garbles {exc}; expected a "
+                             "WanTransformer3DModel config.") from None
+    task = TASKS.get(index.get("_class_name"), "text-to-video")
+    if task == "text-to-video" and index.get("expand_timesteps"):
+        task = "text-image-to-video"
+    experts = 2 if (index.get("transformer_2") or [None, None])[-1] else 1
+    return VideoModel(name=name, task=task, transformer=shape, experts=experts)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -160,7 +174,7 @@ class VideoWorkload:
     branches: int = 2
 
 
-def video_workload(model: VideoModelSpec, width: int, height: int, frames: int, steps: int) -> VideoWorkload:
+def video_workload(model: VideoModel, width: int, height: int, frames: int, steps: int) -> VideoWorkload:
     """The sizes of a request to `model` (width, height multiples of model.unit; frames = 4k + 1)."""
     f, h, w = (frames - 1) // TEMPORAL + 1, height // model.vae_spatial, width // model.vae_spatial
     pt, ph, pw = model.transformer.patch
@@ -171,50 +185,40 @@ def video_workload(model: VideoModelSpec, width: int, height: int, frames: int, 
 # ---- one forward ------------------------------------------------------------------------------
 def forward_flops(shape: WanShape, tokens: int, layout: Layout) -> float:
     """FLOPs one rank spends on one forward of a branch (module docstring)."""
-    d, f, k, L = shape.inner_dim, shape.ffn_dim, shape.context_tokens, tokens
-    u, r = layout.ulysses, layout.ring
-    s = u * r
-    linear = 2 * (6 * d * d + 2 * d * f) * L / s + 4 * d * d * k
-    attention = 4 * (L / r) * L * d / u + 4 * (L / s) * k * d
+    d, f = shape.inner_dim, shape.ffn_dim
+    layer = layer_flops(width=d, token_macs=6 * d * d + 2 * d * f, tokens=tokens, layout=layout,
+                        context=shape.context_tokens, context_macs=2 * d * d)
     patch = math.prod(shape.patch)
-    embed = 2 * L * patch * d * (shape.in_channels + shape.out_channels)  # whole on every rank (models/wan/parallelize.py)
+    embed = 2 * tokens * patch * d * (shape.in_channels + shape.out_channels)  # whole on every rank (parallelize.py)
     embed += 2 * TEXT_TOKENS * (shape.text_dim * d + d * d)  # text_embedder: text_dim -> d -> d
     if shape.image_dim:
         embed += 2 * CLIP_TOKENS * (shape.image_dim * d + d * d)
-    return shape.num_layers * (linear + attention) + embed
+    return shape.num_layers * layer + embed
 
 
 def forward_comm_s(shape: WanShape, tokens: int, layout: Layout, link: Interconnect) -> float:
     """Seconds one rank spends communicating in one forward of a branch, none of it overlapped."""
-    d, u, r = shape.inner_dim, layout.ulysses, layout.ring
-    s = u * r
+    d, s = shape.inner_dim, layout.ulysses * layout.ring
     if s == 1:
         return 0.0
-    per_layer = 0.0
-    if u > 1:  # q, k, v in (one fused all-to-all) and the output back: 4 activations of [L/s, d]
-        per_layer += 2 * link.latency_s + 4 * BF16 * tokens / s * d * (u - 1) / u / link.bus_bw
-    if r > 1:  # one K+V block of [L/r, d/u] each to the next rank, r-1 times
-        per_layer += (r - 1) * (link.latency_s + 2 * BF16 * tokens / r * d / u / link.bus_bw)
-    gather = link.latency_s + BF16 * tokens / s * d * (s - 1) / link.bus_bw  # the blocks' output, once
-    return shape.num_layers * per_layer + gather
+    per_layer = ulysses_s(link, tokens, d, layout) + ring_s(link, tokens, d, layout)
+    return shape.num_layers * per_layer + allgather_s(link, BF16 * tokens / s * d, s)  # the blocks' output, once
 
 
-def decode_s(model: VideoModelSpec, load: VideoWorkload) -> float:
+def decode_s(model: VideoModel, load: VideoWorkload) -> float:
     """D: the VAE decode on rank 0 (DECODE_REFERENCE, scaled by pixels x latent frames)."""
     seconds, volume = DECODE_REFERENCE[model.vae_spatial]
     return seconds * load.width * load.height * load.latent[0] / volume
 
 
 # ---- one request ------------------------------------------------------------------------------
-def predict_video_layout(model: VideoModelSpec, load: VideoWorkload, layout: Layout,
+def predict_video_layout(model: VideoModel, load: VideoWorkload, layout: Layout,
                          link: Interconnect) -> LayoutPrediction:
-    """cost_model.predict with a Wan forward under this layout (the branches cost the same)."""
-    flops_s = throughput(QWEN_IMAGE) * (SEQUENCE_PARALLEL_EFFICIENCY if layout.gpus > layout.cfg else 1.0)
-    compute = forward_flops(model.transformer, load.tokens, layout) / flops_s
+    """request_costs.predict with a Wan forward under this layout (the branches cost the same)."""
+    compute = forward_flops(model.transformer, load.tokens, layout) / rank_throughput(H100_FLOPS, layout)
     comm = forward_comm_s(model.transformer, load.tokens, layout, link)
     per_rank = math.ceil(load.branches / layout.cfg)
-    prediction = per_rank * model.transformer.out_channels * math.prod(load.latent) * BF16
-    gather = link.latency_s + prediction * (layout.cfg - 1) / link.bus_bw
+    gather = allgather_s(link, per_rank * model.transformer.out_channels * math.prod(load.latent) * BF16, layout.cfg)
     costs = replace(VIDEO_COSTS, forward_s=compute + comm, steps=load.steps, branches=load.branches,
                     allgather_s=gather, decode_s=decode_s(model, load))
     p = predict(costs, layout.cfg)
@@ -222,7 +226,7 @@ def predict_video_layout(model: VideoModelSpec, load: VideoWorkload, layout: Lay
                             comm_s=load.steps * (per_rank * comm + (gather if layout.cfg > 1 else 0.0)))
 
 
-def rank_video_layouts(model: VideoModelSpec, load: VideoWorkload, gpus: int,
+def rank_video_layouts(model: VideoModel, load: VideoWorkload, gpus: int,
                        link: Interconnect) -> list[LayoutPrediction]:
     """Every valid layout of `gpus`, fastest end to end first, with its speedup over one GPU."""
     one = predict_video_layout(model, load, Layout(), link)
@@ -231,9 +235,42 @@ def rank_video_layouts(model: VideoModelSpec, load: VideoWorkload, gpus: int,
     return ranked(one, found)
 
 
-# ---- tables ----------------------------------------------------------------------------------
-def video_table(model: VideoModelSpec = WAN22_T2V_A14B, size=(1280, 720), frames: int = 81, steps: int = 40,
-                gpu_counts=(2, 4, 8)) -> str:
+# ---- cfgpar plan -----------------------------------------------------------------------------
+def plan(request: PlanRequest, model: VideoModel) -> list[str]:
+    """The ranked layouts of the request and the `cfgpar video` command of the fastest (no VAE
+    sharing for video)."""
+    if request.image_guidance:
+        raise PlanError(f"--image-guidance needs an edit model; {model.name} is a {model.task} model.")
+    width, height = parse_size(request.size) if request.size else (DEFAULT_WIDTH, DEFAULT_HEIGHT)
+    if width % model.unit or height % model.unit:
+        raise PlanError(f"--size must be multiples of {model.unit} px for {model.name} (VAE x patch), got "
+                        f"{width}x{height}.")
+    frames = DEFAULT_FRAMES if request.frames is None else request.frames
+    steps = request.steps or DEFAULT_STEPS
+    if frames < 1 or frames % TEMPORAL != 1:
+        below, above = allowed_frames(frames, TEMPORAL)
+        raise PlanError(f"--frames must be {TEMPORAL}k + 1 (the VAE's temporal scale), got {frames}; e.g. {below} "
+                        f"or {above}.")
+    link = request.link
+    load = video_workload(model, width, height, frames, steps)
+    found = rank_video_layouts(model, load, request.gpus, link)
+    best = found[0]
+    experts = f", {model.experts} experts (one a step)" if model.experts > 1 else ""
+    words = ["cfgpar video --image IN.png" if model.task == "image-to-video" else "cfgpar video", '--prompt "..."',
+             *model_words(request.model_arg), f"--num-frames {frames}", f"--height {height} --width {width}",
+             f"--num-inference-steps {steps}", *layout_words(best.layout)]
+    return [f"{model.name} ({model.task}{experts}), {width}x{height}, {frames} frames ({load.tokens:,} video tokens), "
+            f"{steps} steps, {load.branches} branches, {request.gpus} GPU(s) over {link.name}; "
+            f"1 GPU: {best.total_s * best.speedup:.1f} s end to end",
+            table(found),
+            "predicted on H100s from published one-GPU times, communication not overlapped with compute, the video\n"
+            "decoded on rank 0 (cfgpar/models/wan/cost.py): the order is what to read, not the seconds",
+            "best: " + " ".join(words)]
+
+
+# ---- tables (docs/performance.md) ---------------------------------------------------------------
+def video_table(model: VideoModel = WAN22_T2V_A14B, size=(1280, 720), frames: int = DEFAULT_FRAMES,
+                steps: int = DEFAULT_STEPS, gpu_counts=(2, 4, 8)) -> str:
     """Markdown: every layout of `model` on 2, 4 and 8 H100s over NVLink, best first in each group."""
     link = INTERCONNECTS["nvlink"]
     load = video_workload(model, *size, frames, steps)
@@ -287,6 +324,4 @@ def video_peer_table() -> str:
 
 
 if __name__ == "__main__":
-    print(video_table())
-    print()
-    print(video_peer_table())
+    print(video_table(), video_peer_table(), sep="\n\n")
