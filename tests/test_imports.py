@@ -9,9 +9,11 @@ import ast
 from pathlib import Path
 
 import cfgpar
+from cfgpar.models.registry import FAMILIES
 
 ROOT = Path(cfgpar.__file__).parent
-FAMILY_PACKAGES = ("cfgpar.models.qwen_image", "cfgpar.models.wan", "cfgpar.models.bagel")
+FAMILY_PACKAGES = tuple(sorted({".".join(spec.pipeline.split(":")[0].split(".")[:3]) for spec in FAMILIES}))
+"""Each registered family's folder, as a package: cfgpar.models.<family>."""
 # Who may import a family's modules: the family itself, the registry that lists it, and the
 # tiny-model builders and benchmarks that exist to exercise one family.
 FAMILY_IMPORTERS = ("cfgpar.models.registry", "cfgpar.testing.", "cfgpar.bench.")
