@@ -289,7 +289,7 @@ def _request(prompt: str, image, negative: str | None = None):
     from cfgpar.request import GenerationRequest
     from cfgpar.inputs.data import OmniDiffusionSamplingParams
 
-    return GenerationRequest(0, prompt, negative, image, OmniDiffusionSamplingParams(), 0)
+    return GenerationRequest(0, prompt, negative, (image,), OmniDiffusionSamplingParams(), 0)
 
 
 def _pad(embeds: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -312,7 +312,7 @@ def object_tokens(image, background: str, unit: int) -> torch.Tensor:
 def build_cache(folder: Path, cfg: Config) -> dict:
     """Everything the transformer is trained on, computed by cfgpar's pipeline code."""
     from cfgpar.guidance import Branch
-    from cfgpar.models.pipeline import Plan
+    from cfgpar.models.pipeline import RequestState
 
     pipe = load_pipeline(folder)
     side = cfg.resolution
@@ -330,23 +330,23 @@ def build_cache(folder: Path, cfg: Config) -> dict:
     # prepare() (one request, the stock VAE) and take the grids it reports.
     probe = shapes.random_scene(random.Random(0), "train").render(side)
     plan = pipe.prepare(_request("make it blue", probe, NEGATIVES[0]), [0])
-    ref = plan.token_inputs["image_latents"][0]
+    ref = plan.token_inputs["image_latents_0"][0]
     got = encode_pictures([probe])[0]
     assert ref.shape == got.shape, (ref.shape, got.shape)
     assert torch.allclose(ref, got, atol=1e-4), (ref - got).abs().max()
     unit = 2 * cfg.vae_down  # pixels per side of one token (2x2 latent patch)
     assert plan.extras["img_shapes"] == [[(1, side // unit, side // unit)] * 2], plan.extras["img_shapes"]
-    assert plan.extras["prompt_image"].size == (side, side)
+    assert [im.size for im in plan.extras["prompt_images"]] == [(side, side)]
     grid = plan.extras["img_shapes"][0][0]
 
     def edit_embeds(prompt: str, image) -> torch.Tensor:
-        p = Plan(latents=torch.zeros(1, 1, 1), timesteps=torch.zeros(1), extras={
-            "prompt_image": pipe.image_processor.resize(image, side, side), "img_shapes": [[grid, grid]],
+        p = RequestState(latents=torch.zeros(1, 1, 1), timesteps=torch.zeros(1), extras={
+            "prompt_images": [pipe.image_processor.resize(image, side, side)], "img_shapes": [[grid, grid]],
             "text_img_shapes": [[grid]]})
         return pipe.encode(_request(prompt, image), Branch("positive", prompt), p)["embeds"][0]
 
     def text_embeds(prompt: str) -> torch.Tensor:
-        p = Plan(latents=torch.zeros(1, 1, 1), timesteps=torch.zeros(1), extras={"text_img_shapes": [[grid]]})
+        p = RequestState(latents=torch.zeros(1, 1, 1), timesteps=torch.zeros(1), extras={"text_img_shapes": [[grid]]})
         return pipe.encode(_request(prompt, probe), Branch("unconditional", prompt, use_image=False), p)["embeds"][0]
 
     # Same embeddings as encode() of the request's own plan.
