@@ -26,7 +26,7 @@ demo: install
 # run on, the exactness claims that compare computations of different shapes (sequence shards,
 # VAE bands, outputs split over ranks): an ISA can change how a kernel rounds a row at another row
 # count. Claims between equal shapes (CFG branches on 1, 2, 3 ranks) hold on any ISA.
-AVX2_FILES := tests/test_engine.py tests/test_sequence_parallel.py tests/test_vae_patch.py
+AVX2_FILES := tests/test_engine.py tests/test_sequence_parallel.py tests/test_vae_patch.py tests/test_flux.py
 test: install
 	$(PY) -m pytest -q --durations=15
 	CFGPAR_TEST_CPU=avx2 $(PY) -m pytest -q -m "exactness and not surface" --durations=8 $(AVX2_FILES)

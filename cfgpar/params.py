@@ -96,9 +96,10 @@ class OmniDiffusionSamplingParams:
     two-branch guidance. Allowed: 0 to 100."""
 
     guidance_scale: float | None = None
-    """CFG scale of video models (Wan), diffusers' and vLLM-Omni's name for it: guidance runs
-    when it is > 1, against the negative prompt or "" (Qwen-Image models take true_cfg_scale).
-    None takes the model's default (5.0). Allowed: 0 to 100."""
+    """Wan: the CFG scale (diffusers' and vLLM-Omni's name for it): guidance runs when it is > 1,
+    against the negative prompt or "" (default 5.0). FLUX.1: the distilled guidance embedding, no
+    extra branch (default 3.5; Kontext 2.5; its true CFG is true_cfg_scale). None takes the
+    model's default. Allowed: 0 to 100."""
 
     guidance_scale_2: float | None = None
     """Wan 2.2's low-noise expert's CFG scale (the steps below the model's boundary_ratio);

@@ -12,6 +12,7 @@ import dataclasses
 from pathlib import Path
 
 from cfgpar.models.bagel import BAGEL
+from cfgpar.models.flux import FLUX, FLUX_KONTEXT
 from cfgpar.models.info import ModelInfo
 from cfgpar.models.qwen_image import QWEN_IMAGE, QWEN_IMAGE_EDIT, QWEN_IMAGE_EDIT_PLUS
 from cfgpar.models.spec import ModelLoadError, ModelSpec, PipelineFacts, import_object
@@ -25,6 +26,7 @@ FAMILIES: tuple[ModelSpec, ...] = (
     QWEN_IMAGE_EDIT_PLUS,
     WAN,
     BAGEL,
+    FLUX, FLUX_KONTEXT,
 )
 
 PIPELINES = {name: spec.pipeline for spec in FAMILIES for name in spec.class_names}

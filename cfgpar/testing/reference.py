@@ -28,3 +28,23 @@ def diffusers_pipeline(folder: Path, *, edit: bool, plus: bool = False):
         pipe = diffusers.QwenImagePipeline(**components)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def diffusers_flux_pipeline(folder: Path, *, kontext: bool = False):
+    """diffusers' FluxPipeline (or with `kontext` FluxKontextPipeline) with every component loaded from `folder`."""
+    import diffusers
+    from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
+
+    folder = Path(folder)
+    components = dict(
+        transformer=diffusers.FluxTransformer2DModel.from_pretrained(folder / "transformer"),
+        vae=diffusers.AutoencoderKL.from_pretrained(folder / "vae"),
+        text_encoder=CLIPTextModel.from_pretrained(folder / "text_encoder"),
+        tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer"),
+        text_encoder_2=T5EncoderModel.from_pretrained(folder / "text_encoder_2"),
+        tokenizer_2=T5TokenizerFast.from_pretrained(folder / "tokenizer_2"),
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler.from_pretrained(folder / "scheduler"),
+    )
+    pipe = (diffusers.FluxKontextPipeline if kontext else diffusers.FluxPipeline)(**components)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
