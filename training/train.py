@@ -449,7 +449,7 @@ def train_transformer(cache: dict, cfg: Config, init=None, phase: int = 1):
     """Phase 1 from scratch (adaLN-zero), or phase 2 from `init`'s weights; returns the EMA model."""
     steps, lr_max, sigma_mean = (cfg.steps, cfg.lr, cfg.sigma_mean) if phase == 1 else (
         cfg.finetune_steps, cfg.finetune_lr, cfg.finetune_sigma_mean)
-    from cfgpar.models.qwen_image.pipeline import calculate_shift
+    from cfgpar.models.latents import calculate_shift
     from cfgpar.testing.tiny_models import QWEN_IMAGE_SCHEDULER_CONFIG as S
 
     grid = cache["grid"]

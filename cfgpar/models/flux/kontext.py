@@ -20,7 +20,8 @@ from PIL import Image
 
 from cfgpar.guidance import Branch
 from cfgpar.models.flux import FLUX_KONTEXT
-from cfgpar.models.flux.pipeline import FluxPipeline, pack_latents, token_ids
+from cfgpar.models.flux.pipeline import FluxPipeline, token_ids
+from cfgpar.models.latents import pack_latents
 from cfgpar.models.flux.rules import KONTEXT_DEFAULT_GUIDANCE, rounded_size
 from cfgpar.models.pipeline import RequestState
 from cfgpar.request import GenerationRequest

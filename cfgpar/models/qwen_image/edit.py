@@ -20,7 +20,8 @@ from cfgpar.guidance import Branch, Guidance, make_combine, norm_preserving_dual
 from cfgpar.models.loader import model_options
 from cfgpar.models.pipeline import RequestState
 from cfgpar.models.qwen_image import QWEN_IMAGE_EDIT
-from cfgpar.models.qwen_image.pipeline import T2I_TEMPLATE, T2I_TEMPLATE_DROP, QwenImagePipeline, pack_latents
+from cfgpar.models.latents import pack_latents
+from cfgpar.models.qwen_image.pipeline import T2I_TEMPLATE, T2I_TEMPLATE_DROP, QwenImagePipeline
 from cfgpar.models.qwen_image.rules import CONDITION_AREA, rounded_size
 from cfgpar.models.qwen_image.vl_processor import QwenVLProcessor
 

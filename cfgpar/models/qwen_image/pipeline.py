@@ -17,6 +17,7 @@ from diffusers.image_processor import VaeImageProcessor
 from PIL import Image
 from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
 
+from cfgpar.models.latents import calculate_shift, pack_latents, unpack_latents
 from cfgpar.request import GenerationRequest
 from cfgpar.models.info import ModelInfo
 from cfgpar.guidance import Branch, Guidance, make_combine, norm_preserving_cfg, unguided
@@ -33,26 +34,6 @@ T2I_TEMPLATE = (
 )
 T2I_TEMPLATE_DROP = 34  # tokens of the template's system prefix, dropped from the embeddings
 TOKENIZER_MAX_LENGTH = 1024
-
-
-def calculate_shift(seq_len: int, base_seq: int, max_seq: int, base_shift: float, max_shift: float) -> float:
-    """mu of the dynamic (resolution-dependent) timestep shift: linear in the image token count."""
-    slope = (max_shift - base_shift) / (max_seq - base_seq)
-    return seq_len * slope + base_shift - slope * base_seq
-
-
-def pack_latents(latents: torch.Tensor) -> torch.Tensor:
-    """[B, C, H, W] -> [B, (H/2)(W/2), 4C]: 2x2 patches as tokens."""
-    b, c, h, w = latents.shape
-    latents = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
-    return latents.reshape(b, (h // 2) * (w // 2), c * 4)
-
-
-def unpack_latents(latents: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """[B, (h/2)(w/2), 4C] -> [B, C, 1, h, w] (h, w in latent pixels); inverse of pack_latents."""
-    b, _, channels = latents.shape
-    latents = latents.view(b, h // 2, w // 2, channels // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
-    return latents.reshape(b, channels // 4, 1, h, w)
 
 
 class QwenImagePipeline(DiffusionPipeline):
@@ -198,7 +179,7 @@ class QwenImagePipeline(DiffusionPipeline):
     def vae_latents(self, plan: RequestState, latents: torch.Tensor) -> torch.Tensor:
         """Packed latents [B, L, C] -> the VAE's input [B, z_dim, 1, h, w], de-normalised."""
         height, width = plan.extras["height"], plan.extras["width"]
-        latents = unpack_latents(latents, 2 * (height // self.unit), 2 * (width // self.unit)).to(self.vae.dtype)
+        latents = unpack_latents(latents, 2 * (height // self.unit), 2 * (width // self.unit)).unsqueeze(2).to(self.vae.dtype)
         z_dim = self.vae.config.z_dim
         mean = torch.tensor(self.vae.config.latents_mean).view(1, z_dim, 1, 1, 1).to(latents)
         inv_std = 1.0 / torch.tensor(self.vae.config.latents_std).view(1, z_dim, 1, 1, 1).to(latents)
