@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from cfgpar.request import RequestError
+
 
 @dataclass(frozen=True, kw_only=True)
 class ModelInfo:
@@ -70,3 +72,10 @@ def frame_count_error(frames: int, unit: int) -> str | None:
         return None
     below, above = allowed_frames(frames, unit)
     return f"num_frames must be {unit}k + 1 for this model; got {frames}, the nearest allowed are {below} and {above}."
+
+
+def rounded_size(unit: int, height: int, width: int) -> tuple[int, int]:
+    """(height, width) rounded down to multiples of the model's unit, as diffusers does; RequestError below one unit."""
+    if height < unit or width < unit:
+        raise RequestError(f"height and width must be at least {unit} px, got {height}x{width}.")
+    return height // unit * unit, width // unit * unit

@@ -96,6 +96,7 @@ def check_request(info: ModelInfo, params: OmniDiffusionSamplingParams,
                if name not in SHARED_PARAMS and name not in spec.params and getattr(params, name) != default]
     if foreign:
         raise RequestError(_foreign_sentence(foreign, spec))
+    _check_pictures(info, len(image_sizes))
     if len(image_sizes) > info.max_images:
         raise RequestError(f"this model takes at most {info.max_images} input picture(s), got {len(image_sizes)}.")
     if spec.rules is not None:
@@ -103,6 +104,20 @@ def check_request(info: ModelInfo, params: OmniDiffusionSamplingParams,
     if params.num_inference_steps < info.min_steps:
         raise RequestError(f"num_inference_steps must be at least {info.min_steps} for this model ({spec.title}: its "
                            f"schedule has no span to run on fewer), got {params.num_inference_steps}.")
+
+
+NEEDS_PICTURE = {"edit": "an image-edit", "image-to-video": "an image-to-video"}
+TAKES_NO_PICTURE = {"text-to-image": "a text-to-image", "text-to-video": "a text-to-video"}
+
+
+def _check_pictures(info: ModelInfo, count: int) -> None:
+    """A model whose every task needs an input picture gets one; one whose every task takes none gets none."""
+    if count == 0 and all(task in NEEDS_PICTURE for task in info.tasks):
+        raise RequestError(f"this is {NEEDS_PICTURE[info.task]} model: the prompt needs "
+                           "multi_modal_data={'image': <PIL image>}.")
+    if count and all(task in TAKES_NO_PICTURE for task in info.tasks):
+        raise RequestError(f"this is {TAKES_NO_PICTURE[info.task]} model: it takes no input image "
+                           "(drop multi_modal_data.image).")
 
 
 def _foreign_sentence(names: list[str], spec: ModelSpec) -> str:

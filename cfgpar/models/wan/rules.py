@@ -18,10 +18,6 @@ TEMPORAL = 4
 
 
 def check(info: ModelInfo, params: OmniDiffusionSamplingParams, image_sizes: tuple[tuple[int, int], ...]) -> None:
-    if image_sizes and info.task == "text-to-video":
-        raise RequestError("this is a text-to-video model: it takes no input image (drop multi_modal_data.image).")
-    if not image_sizes and info.task == "image-to-video":
-        raise RequestError("this is an image-to-video model: the prompt needs multi_modal_data={'image': <PIL image>}.")
     if params.guidance_scale_2 is not None and info.experts == 1:
         raise RequestError("guidance_scale_2 applies to two-expert models (Wan 2.2 A14B); this model has one "
                            "transformer.")
