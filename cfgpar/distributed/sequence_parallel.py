@@ -114,3 +114,24 @@ def token_layout(segments: tuple[int, ...], ulysses: int, ring: int, sp_rank: in
         empty.append(len(order) == 0)
     rows = torch.cat([shard_index(n, parts, sp_rank) + o for n, o in zip(segments, offsets)])
     return TokenLayout(rows.to(device), KeyBlocks(tuple(keep), tuple(empty)))
+
+
+class TokenLayouts:
+    """This rank's TokenLayout for each set of segment lengths a model's forward sees, built once
+    each: the hooks of every family's `parallelize` ask for it at the start of a forward."""
+
+    def __init__(self, mesh: ParallelMesh):
+        self.mesh = mesh
+        self._built: dict[tuple[int, ...], TokenLayout] = {}
+
+    def of(self, segments: tuple[int, ...], device, tokens: int | None = None) -> TokenLayout:
+        """The layout of `segments`; `tokens` (the shard the forward was handed) must be its length."""
+        if segments not in self._built:
+            groups = self.mesh.sequence
+            self._built[segments] = token_layout(segments, groups.ulysses_size, groups.ring_size,
+                                                 self.mesh.sp_rank, device)
+        layout = self._built[segments]
+        if tokens is not None and tokens != len(layout.rows):
+            raise RuntimeError(f"sequence parallelism expected this rank's shard of {len(layout.rows)} image "
+                               f"tokens (segments {segments}), got {tokens}.")
+        return layout

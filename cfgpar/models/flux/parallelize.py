@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from cfgpar.distributed.mesh import ParallelMesh
-from cfgpar.distributed.sequence_parallel import TokenLayout, check_ulysses_degree, token_layout
+from cfgpar.distributed.sequence_parallel import TokenLayout, TokenLayouts, check_ulysses_degree
 from cfgpar.distributed.sp_attention import sp_attention
 
 
@@ -31,7 +31,7 @@ class FluxSequenceParallel:
         check_ulysses_degree(transformer.config.num_attention_heads, mesh.size("ulysses"))
         self.mesh = mesh
         self.groups = mesh.sequence
-        self._layouts: dict[tuple[int, ...], TokenLayout] = {}
+        self._layouts = TokenLayouts(mesh)
         self.layout: TokenLayout | None = None
         self.text_len = 0
         self._handle = transformer.register_forward_pre_hook(self._begin, with_kwargs=True)
@@ -46,13 +46,7 @@ class FluxSequenceParallel:
         img_ids, hidden = kwargs["img_ids"], kwargs["hidden_states"]
         # Segments in order of their first id: the output's tokens (0), then the picture's (1).
         segments = tuple(torch.unique_consecutive(img_ids[:, 0], return_counts=True)[1].tolist())
-        if segments not in self._layouts:
-            self._layouts[segments] = token_layout(segments, self.groups.ulysses_size, self.groups.ring_size,
-                                                   self.mesh.sp_rank, hidden.device)
-        self.layout = self._layouts[segments]
-        if hidden.shape[1] != len(self.layout.rows):
-            raise RuntimeError(f"sequence parallelism expected this rank's shard of {len(self.layout.rows)} image "
-                               f"tokens (segments {segments}), got {hidden.shape[1]}.")
+        self.layout = self._layouts.of(segments, hidden.device, hidden.shape[1])
         self.text_len = kwargs["encoder_hidden_states"].shape[1]
         kwargs["img_ids"] = img_ids.index_select(0, self.layout.rows)
         return args, kwargs

@@ -11,7 +11,7 @@ from __future__ import annotations
 from math import prod
 
 from cfgpar.distributed.mesh import ParallelMesh
-from cfgpar.distributed.sequence_parallel import TokenLayout, check_ulysses_degree, token_layout
+from cfgpar.distributed.sequence_parallel import TokenLayout, TokenLayouts, check_ulysses_degree
 from cfgpar.distributed.sp_attention import sp_attention
 
 
@@ -33,7 +33,7 @@ class QwenImageSequenceParallel:
         check_ulysses_degree(config.num_attention_heads, mesh.size("ulysses"))
         self.mesh = mesh
         self.groups = mesh.sequence
-        self._layouts: dict[tuple[int, ...], TokenLayout] = {}
+        self._layouts = TokenLayouts(mesh)
         self.layout: TokenLayout | None = None
         self._handles = [
             transformer.register_forward_pre_hook(self._begin, with_kwargs=True),
@@ -47,13 +47,7 @@ class QwenImageSequenceParallel:
         img_shapes = kwargs["img_shapes"]
         hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
         segments = tuple(prod(shape) for shape in img_shapes[0])
-        if segments not in self._layouts:
-            self._layouts[segments] = token_layout(segments, self.groups.ulysses_size, self.groups.ring_size,
-                                                     self.mesh.sp_rank, hidden.device)
-        self.layout = self._layouts[segments]
-        if hidden.shape[1] != len(self.layout.rows):
-            raise RuntimeError(f"sequence parallelism expected this rank's shard of {len(self.layout.rows)} image "
-                               f"tokens (segments {segments}), got {hidden.shape[1]}.")
+        self.layout = self._layouts.of(segments, hidden.device, hidden.shape[1])
 
     def _shard_rotary(self, module, args, output):
         img_freqs, txt_freqs = output

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from cfgpar.distributed.mesh import ParallelMesh
-from cfgpar.distributed.sequence_parallel import SequenceShards, check_ulysses_degree, token_layout
+from cfgpar.distributed.sequence_parallel import SequenceShards, TokenLayouts, check_ulysses_degree
 from cfgpar.distributed.sp_attention import sp_attention
 
 
@@ -42,7 +42,7 @@ class WanSequenceParallel:
         self.mesh, self.groups = mesh, mesh.sequence
         self.shards = SequenceShards.of(mesh)
         self.patch = tuple(transformer.config.patch_size)
-        self._layouts: dict[int, object] = {}
+        self._layouts = TokenLayouts(mesh)
         self.layout = None
         self.length = 0
         blocks = transformer.blocks
@@ -60,10 +60,7 @@ class WanSequenceParallel:
         hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
         f, h, w = hidden.shape[2:]
         self.length = (f // self.patch[0]) * (h // self.patch[1]) * (w // self.patch[2])
-        if self.length not in self._layouts:
-            self._layouts[self.length] = token_layout((self.length,), self.groups.ulysses_size, self.groups.ring_size,
-                                                 self.mesh.sp_rank, hidden.device)
-        self.layout = self._layouts[self.length]
+        self.layout = self._layouts.of((self.length,), hidden.device)
 
     def _rows(self, x: torch.Tensor) -> torch.Tensor:
         return x.index_select(1, self.layout.rows)
